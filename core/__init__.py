@@ -1,0 +1,1 @@
+"""speedrun-mup core library: model, muP, optimizers, data, monitoring. Nothing runs at import time."""
