@@ -1,0 +1,206 @@
+"""The one training configuration: a dataclass with a comment per field, filled from the CLI.
+
+Fields left as None are hardware-dependent and filled by `resolve_defaults`: on CUDA the record
+configuration (modded-nanogpt 2025-07-12_BosAlign: 12 x 768, 48k-token sequences, 8 x 48k tokens per
+step, 1750 steps); on CPU a small configuration that trains visibly in a few minutes on 2 cores.
+`validate` checks every flag before any heavy work and says what to change.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+from core.attention import BLOCK_SIZE
+
+
+class ConfigError(ValueError):
+    """A bad flag or flag combination; the message says what to change."""
+
+
+@dataclass
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------------
+    width: int | None = None          # model width d (CUDA 768, CPU 128)
+    depth: int | None = None          # transformer blocks (CUDA 12, CPU 4)
+    head_dim: int | None = None       # head dimension, fixed across widths (CUDA 128, CPU 32)
+    vocab_size: int = 50257           # GPT-2 vocabulary; the lm_head pads to a multiple of 128
+    # --- muP ---------------------------------------------------------------------------------
+    mup: bool = False                 # use muP (core/mup.py); without it the record's standard parametrisation
+    base_width: int | None = None     # muP base width d0: hyperparameters tuned there transfer to --width
+    coord_check: bool = False         # record per-layer activation sizes (mean |x|) for the coordinate check
+    coord_check_every: int = 1        # ... every N steps (steps 0..coord_check_steps)
+    coord_check_steps: int = 10       # how many first steps the coordinate check records
+    # --- data --------------------------------------------------------------------------------
+    data_dir: str | None = None       # folder with fineweb_{train,val}_*.bin; None: data/fineweb10B, else embedded corpus
+    seq_len: int | None = None        # tokens per micro-batch sequence (CUDA 48*1024, CPU 1024); multiple of 128
+    batch_tokens: int | None = None   # tokens per optimizer step over all ranks (CUDA 8*48*1024, CPU 2*1024)
+    val_seq_len: int | None = None    # tokens per validation sequence (CUDA 4*64*1024, CPU 1024)
+    val_tokens: int | None = None     # fixed validation size so runs compare (FineWeb 10,485,760; embedded: data's)
+    # --- optimisation (the record's values) ---------------------------------------------------
+    iterations: int | None = None     # optimizer steps (CUDA 1750, CPU 200)
+    adam_lr: float = 0.008            # DistAdam base LR (embeddings x75, lm_head x27.5, scalars x5)
+    muon_lr: float = 0.05             # Muon LR for hidden matrices
+    cooldown_frac: float = 0.45       # LR constant, then linear decay over this final fraction of training
+    final_lr_frac: float = 0.05       # LR multiplier at the end of the cool-down (record: 0.05)
+    muon_momentum_warmup: int = 300   # Muon momentum 0.85 -> 0.95 over this many steps
+    window_max: int = 1792            # long sliding window at the end of training, tokens (grows from 128)
+    # --- runtime -----------------------------------------------------------------------------
+    device: str = "auto"              # auto | cpu | cuda
+    compile: str = "auto"             # auto | true | false; auto compiles on CUDA only
+    fp8: str = "auto"                 # auto | on | off; FP8 lm_head (auto: on for CUDA sm>=89)
+    seed: int = 1337                  # model init and data order are deterministic given the seed
+    warmup_steps: int | None = None   # kernel warm-up steps whose state is discarded (CUDA 10, CPU 0)
+    # --- logging and monitoring --------------------------------------------------------------
+    log_dir: str = "logs"             # parent of the run folder logs/<run_name>/
+    run_name: str | None = None       # default speedrun_<timestamp>[_mup]_w<width>[_base<base>]
+    log_every: int = 10               # train-loss / cheap-metric logging interval (steps)
+    val_every: int | None = None      # validation interval (CUDA 125, CPU 50); 0 = only at the end
+    use_wandb: bool = False           # log to Weights & Biases (offline automatically without an API key)
+    wandb_project: str | None = None  # default speedrun-basic / speedrun-mup
+    wandb_entity: str | None = None   # W&B entity (team or user)
+    wandb_run_name: str | None = None # W&B run name (default: run_name)
+    wandb_tags: list[str] = field(default_factory=list)  # W&B tags
+    spectral_every: int | None = None # spectral norms of Muon matrices every N steps (env MONITOR_SPECTRAL_EVERY; default 100)
+    activations: bool | None = None   # activation statistics via forward hooks (env MONITOR_ACTIVATIONS; default off)
+    peak_tflops: float | None = None  # override the hardware peak for MFU (bf16 dense TFLOP/s)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py", description="Train the modded-nanogpt speedrun GPT, with or without muP.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    flag_types = {int: int, float: float, str: str}
+    for f in fields(TrainConfig):
+        name = "--" + f.name.replace("_", "-")
+        help_text = _FIELD_HELP.get(f.name, "")
+        if f.name == "mup" or f.name == "coord_check":
+            # `--mup` alone switches on; `--mup false` also accepted
+            p.add_argument(name, type=_bool, nargs="?", const=True, default=f.default, help=help_text)
+        elif f.name in ("use_wandb", "activations"):
+            p.add_argument(name, type=_bool, nargs="?", const=True, default=f.default, metavar="true|false",
+                           help=help_text)
+        elif f.name == "wandb_tags":
+            p.add_argument(name, nargs="*", default=[], help=help_text)
+        elif f.name in ("device", "compile", "fp8"):
+            choices = {"device": ["auto", "cpu", "cuda"], "compile": ["auto", "true", "false"],
+                       "fp8": ["auto", "on", "off"]}[f.name]
+            p.add_argument(name, choices=choices, default=f.default, help=help_text)
+        else:
+            base = str(f.type).replace(" | None", "")
+            typ = {"int": int, "float": float, "str": str}.get(base, str)
+            p.add_argument(name, type=flag_types[typ], default=f.default, help=help_text)
+    return p
+
+
+def _field_help() -> dict[str, str]:
+    """Help strings are the field comments above, so they cannot drift from the code."""
+    import inspect
+    import re
+    helps = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2).replace("%", "%%")
+    return helps
+
+
+_FIELD_HELP = _field_help()
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    ns = build_parser().parse_args(argv)
+    return TrainConfig(**vars(ns))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware-dependent defaults and validation
+
+CUDA_DEFAULTS = dict(width=768, depth=12, head_dim=128, seq_len=48 * 1024, batch_tokens=8 * 48 * 1024,
+                     val_seq_len=4 * 64 * 1024, iterations=1750, val_every=125, warmup_steps=10)
+CPU_DEFAULTS = dict(width=128, depth=4, head_dim=32, seq_len=1024, batch_tokens=2 * 1024,
+                    val_seq_len=1024, iterations=200, val_every=50, warmup_steps=0)
+
+
+def resolve_defaults(cfg: TrainConfig, device_type: str, env: dict | None = None) -> TrainConfig:
+    """Fill the None fields for this hardware and the monitoring env vars; returns cfg (mutated)."""
+    env = os.environ if env is None else env
+    defaults = CUDA_DEFAULTS if device_type == "cuda" else CPU_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.spectral_every is None:
+        raw = env.get("MONITOR_SPECTRAL_EVERY", "100")
+        try:
+            cfg.spectral_every = int(raw)
+        except ValueError:
+            raise ConfigError(f"MONITOR_SPECTRAL_EVERY={raw!r} is not an integer (use e.g. 100, or 0 to disable)")
+    if cfg.activations is None:
+        raw = env.get("MONITOR_ACTIVATIONS", "false")
+        try:
+            cfg.activations = _bool(raw)
+        except argparse.ArgumentTypeError:
+            raise ConfigError(f"MONITOR_ACTIVATIONS={raw!r}: use true or false")
+    return cfg
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Every check that can fail before the model is built. Raises ConfigError saying what to change."""
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    for name in ("width", "depth", "head_dim", "seq_len", "batch_tokens", "val_seq_len", "iterations",
+                 "log_every", "coord_check_every", "coord_check_steps", "vocab_size", "window_max"):
+        value = getattr(cfg, name)
+        need(value is not None and value > 0, f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in ("val_every", "spectral_every", "warmup_steps"):
+        value = getattr(cfg, name)
+        need(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    need(cfg.width % cfg.head_dim == 0,
+         f"--width {cfg.width} is not a multiple of --head-dim {cfg.head_dim}: use e.g. "
+         f"{max(cfg.head_dim, cfg.width // cfg.head_dim * cfg.head_dim)} or {(cfg.width // cfg.head_dim + 1) * cfg.head_dim}")
+    need(cfg.head_dim % 4 == 0, f"--head-dim must be a multiple of 4 (half-truncated RoPE), got {cfg.head_dim}")
+    need(cfg.depth % 2 == 0, f"--depth must be even (U-net skips pair the blocks), got {cfg.depth}")
+    if cfg.base_width is not None and not cfg.mup:
+        raise ConfigError("--base-width only has a meaning with --mup: add --mup, or drop --base-width")
+    if cfg.mup:
+        need(cfg.base_width is not None, "--mup needs --base-width (the width where the hyperparameters were tuned)")
+        need(cfg.base_width > 0 and cfg.base_width % cfg.head_dim == 0,
+             f"--base-width {cfg.base_width} must be a positive multiple of --head-dim {cfg.head_dim}")
+    for name in ("seq_len", "val_seq_len"):
+        value = getattr(cfg, name)
+        need(value % BLOCK_SIZE == 0, f"--{name.replace('_', '-')} {value} must be a multiple of {BLOCK_SIZE} "
+                                      f"(FlexAttention block size)")
+    per_step = cfg.seq_len * world_size
+    need(cfg.batch_tokens % per_step == 0,
+         f"--batch-tokens {cfg.batch_tokens} must be a multiple of seq_len x world_size = {cfg.seq_len} x "
+         f"{world_size} = {per_step}; e.g. {max(per_step, cfg.batch_tokens // per_step * per_step)}")
+    if cfg.val_tokens is not None:
+        need(cfg.val_tokens > 0 and cfg.val_tokens % (cfg.val_seq_len * world_size) == 0,
+             f"--val-tokens {cfg.val_tokens} must be a positive multiple of val_seq_len x world_size = "
+             f"{cfg.val_seq_len * world_size}")
+    need(0.0 <= cfg.cooldown_frac <= 1.0, f"--cooldown-frac must be in [0, 1], got {cfg.cooldown_frac}")
+    need(cfg.adam_lr > 0 and cfg.muon_lr > 0, "--adam-lr and --muon-lr must be positive")
+    if cfg.peak_tflops is not None:
+        need(cfg.peak_tflops > 0, f"--peak-tflops must be positive, got {cfg.peak_tflops}")
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    return cfg.batch_tokens // (cfg.seq_len * world_size)
