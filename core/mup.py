@@ -194,3 +194,12 @@ def describe_rules() -> str:
     for kind, r in MUP_RULES.items():
         lines.append(f"{kind:<12} {r.optimizer:<9} {r.ninf:<4} {r.init:<52} {r.source}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) < 2 or sys.argv[1] != "coord-check":
+        sys.exit("usage: python -m core.mup coord-check [--widths 64 128 256 512] [--steps 10] [--seeds 3] "
+                 "[--out-dir logs/coord_check]")
+    from core.coord_check import main
+    sys.exit(main(sys.argv[2:]))

@@ -1,0 +1,381 @@
+"""The training loop: wires config, data, model, muP, optimizers, monitoring and logging together.
+
+`train.py` parses the CLI and calls `run(cfg)`. The pieces are functions so that the coordinate
+check and the tests can build the same model and take the same steps without the CLI.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from core import mup
+from core.config import ConfigError, TrainConfig, grad_accum_steps, resolve_defaults, validate
+from core.distributed import DistInfo, all_reduce_mean, setup_distributed, teardown
+from core.model import GPT, GPTConfig
+from core.optimizers import build_optimizers
+from core.schedule import lr_factor, muon_momentum, window_blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks shared by train.py, the coordinate check and the tests
+
+
+def model_config(cfg: TrainConfig, fp8_mode: str = "off", max_seq_len: int | None = None) -> GPTConfig:
+    return GPTConfig(vocab_size=cfg.vocab_size, depth=cfg.depth, width=cfg.width, head_dim=cfg.head_dim,
+                     max_seq_len=max_seq_len or max(cfg.seq_len, cfg.val_seq_len), fp8=fp8_mode,
+                     mup=cfg.mup, base_width=cfg.base_width if cfg.mup else None)
+
+
+def build_model(cfg: TrainConfig, device: torch.device, fp8_mode: str = "off") -> GPT:
+    """The model on `device`, seeded; embeddings in bf16 on CUDA as in the record."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config(cfg, fp8_mode)).to(device)
+    if device.type == "cuda":
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                m.bfloat16()
+    return model
+
+
+def build_optimizer_pair(model: GPT, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+    """muP LR multipliers (if --mup) then the record's DistAdam + Muon; returns (adam, muon, mup_table)."""
+    table = mup.apply_mup(model, cfg.base_width) if cfg.mup else None
+    adam, muon = build_optimizers(model, model.param_kinds(), adam_lr=cfg.adam_lr, muon_lr=cfg.muon_lr,
+                                  rank=rank, world_size=world_size)
+    return adam, muon, table
+
+
+def set_schedules(cfg: TrainConfig, optimizers, muon, step: int) -> float:
+    """LR factor for every group and the Muon momentum warm-up at `step`; returns the LR factor."""
+    factor = lr_factor(step, cfg.iterations, cfg.cooldown_frac, cfg.final_lr_frac)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+    momentum = muon_momentum(step, cfg.muon_momentum_warmup)
+    for group in muon.param_groups:
+        group["momentum"] = momentum
+    return factor
+
+
+_window_tensors: dict[tuple, torch.Tensor] = {}
+
+
+def window_tensor(blocks: int, device: torch.device) -> torch.Tensor:
+    """The window as a cached 0-dim tensor: a compiled model sees a tensor, not a new int, so no recompile."""
+    key = (blocks, str(device))
+    if key not in _window_tensors:
+        _window_tensors[key] = torch.tensor(blocks, dtype=torch.int32, device=device)
+    return _window_tensors[key]
+
+
+def forward_backward(model, batches, window: int, grad_accum: int) -> torch.Tensor:
+    """Sum-reduced loss per micro-batch (as the record: keeps FP8 e5m2 gradients in range), divided by
+    grad_accum so that 1 process x A micro-batches == A ranks x 1. Returns the summed loss (device)."""
+    device = batches[0][0].device
+    total = torch.zeros((), device=device)
+    for inputs, targets in batches:
+        loss = model(inputs, targets, window_tensor(window, device))
+        (loss / grad_accum).backward()
+        total += loss.detach()
+    return total
+
+
+@torch.no_grad()
+def evaluate(model, val_set, window: int, info: DistInfo) -> torch.Tensor:
+    """Mean validation loss per token over this rank's share, averaged over ranks (device tensor)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=info.device)
+    for inputs, targets in val_set:
+        total += model(inputs, targets, window_tensor(window, info.device), reduction="mean")
+    total /= max(len(val_set), 1)
+    model.train(was_training)
+    return all_reduce_mean(total, info)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"Hardware/peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "Hardware/reserved_memory_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory
+    return {"Hardware/peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    train_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) at log steps
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    final_val_loss: float = float("nan")
+    best_val_loss: float = float("inf")
+    unigram_entropy: float | None = None
+
+
+def run(cfg: TrainConfig) -> RunResult:
+    from core.data import BatchLoader, resolve_data, unigram_entropy, val_batches
+    from core.fp8 import resolve_fp8_mode
+    from core.logger import SimpleLogger, default_wandb_project, format_step_line, make_run_name
+    from core.mfu import detect_peak_flops, flops_per_token
+    from core.monitor import TrainingMonitor
+    from core.coord_check import CoordRecorder
+
+    info = setup_distributed(cfg.device)
+    try:
+        device = info.device
+        resolve_defaults(cfg, device.type)
+        validate(cfg, info.world_size)
+        grad_accum = grad_accum_steps(cfg, info.world_size)
+        fp8_mode, fp8_reason = resolve_fp8_mode(cfg.fp8, device)
+        use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+
+        # data first: bad shards fail before any model is built (rank 0 builds the embedded cache)
+        if info.is_main:
+            data = resolve_data(cfg.data_dir)
+        if info.distributed:
+            torch.distributed.barrier()
+        if not info.is_main:
+            data = resolve_data(cfg.data_dir)
+        val_tokens = cfg.val_tokens or data.val_tokens
+        val_tokens -= val_tokens % (cfg.val_seq_len * info.world_size)
+        if val_tokens <= 0:
+            raise ConfigError(f"the validation set of {data.val_tokens} tokens is smaller than one validation batch "
+                              f"(val_seq_len x world_size = {cfg.val_seq_len * info.world_size}): lower --val-seq-len")
+
+        cfg.run_name = cfg.run_name or make_run_name(mup=cfg.mup, width=cfg.width, base_width=cfg.base_width)
+        run_dir = Path(cfg.log_dir) / cfg.run_name
+        logger = SimpleLogger(
+            run_dir, cfg.to_dict(), rank=info.rank, use_wandb=cfg.use_wandb,
+            wandb_project=cfg.wandb_project or default_wandb_project(cfg.mup),
+            wandb_entity=cfg.wandb_entity, wandb_run_name=cfg.wandb_run_name or cfg.run_name,
+            wandb_tags=tuple(cfg.wandb_tags))
+        log = logger.info
+        result = RunResult(run_dir=run_dir)
+
+        log(f"python {sys.version.split()[0]} | torch {torch.__version__} | {platform.platform()}")
+        log(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+            + f" | world size {info.world_size} | backend {info.backend or 'none (single process)'}")
+        log(f"data: {data.name} ({len(data.train_files)} train shard(s), {val_tokens:,} validation tokens)"
+            + (" -- no FineWeb shards found, using the embedded corpus" if data.is_embedded else ""))
+
+        # model, muP, optimizers
+        model = build_model(cfg, device, fp8_mode)
+        if info.distributed:
+            for p in model.parameters():
+                torch.distributed.broadcast(p.detach(), 0)
+        adam, muon, mup_table = build_optimizer_pair(model, cfg, info.rank, info.world_size)
+        optimizers = [adam, muon]
+        n_params = sum(p.numel() for p in model.parameters())
+        n_embed = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
+        tokens_per_step = cfg.batch_tokens
+        window_at = lambda step: window_blocks(step, cfg.iterations, cfg.window_max)
+        layers_long = model.window_layout()
+        attn_layers = [model.cfg.has_attention(i) for i in range(cfg.depth)]
+
+        def window_tokens_per_layer(step: int) -> list[int]:
+            w = window_at(step)
+            return [128 * (w if long else max(1, w // 2)) for long in layers_long]
+
+        peak_flops, peak_reason = detect_peak_flops(device, cfg.peak_tflops)
+        log(f"model: depth {cfg.depth} width {cfg.width} heads {cfg.width // cfg.head_dim}x{cfg.head_dim} | "
+            f"params {n_params:,} ({n_embed:,} in embeddings, {n_params - n_embed:,} other)")
+        log(f"batch: {tokens_per_step:,} tokens/step = {info.world_size} rank(s) x {grad_accum} accumulation x "
+            f"{cfg.seq_len} seq_len | {cfg.iterations} steps | val every {cfg.val_every}")
+        log(f"attention: {'FlexAttention (compiled)' if device.type == 'cuda' else 'scaled_dot_product_attention with the same document-causal sliding-window mask (FlexAttention has no CPU backward)'}")
+        log(f"fp8 lm_head: {fp8_mode} ({fp8_reason}) | compile: {use_compile} | dtype: "
+            f"{'bf16 activations' if device.type == 'cuda' else 'fp32'}")
+        log(f"MFU: {'peak %.0f TFLOP/s (%s)' % (peak_flops / 1e12, peak_reason) if peak_flops else 'unavailable: ' + peak_reason}")
+        if cfg.mup:
+            log(f"muP: width {cfg.width} base {cfg.base_width} width_mult {cfg.width / cfg.base_width:g} | "
+                f"output multiplier {model.lm_head.output_mult:g} | soft-cap divisor {model.softcap_divisor:.3f} | "
+                f"fp8 grad_s {model.lm_head.grad_s:.3e}")
+            for line in mup.describe_rules().splitlines():
+                log("  " + line)
+        else:
+            log("parametrisation: standard (the record's); use --mup --base-width B for muP")
+
+        hidden = {n: p for n, p in model.named_parameters() if model.param_kinds()[n] == "hidden"}
+        monitor = TrainingMonitor(model, hidden, log_every=cfg.log_every, spectral_every=cfg.spectral_every,
+                                  activations=cfg.activations, activation_modules=_activation_modules(model))
+        coord = CoordRecorder(model) if cfg.coord_check else None
+        train_model = torch.compile(model, dynamic=False) if use_compile else model
+
+        train_loader = BatchLoader(data.train_files, cfg.seq_len, info.world_size * grad_accum, rank=info.rank,
+                                   world_size=info.world_size, device=device)
+        val_set = val_batches(data.val_files, cfg.val_seq_len, val_tokens, rank=info.rank,
+                              world_size=info.world_size, device=device)
+
+        if cfg.warmup_steps > 0:
+            _warmup_kernels(train_model, model, optimizers, train_loader, cfg, grad_accum, window_at, log)
+
+        if data.is_embedded and info.is_main:
+            result.unigram_entropy = unigram_entropy(_val_tokens(val_set))
+            log(f"unigram entropy of the validation tokens: {result.unigram_entropy:.4f} nats "
+                f"(a model that learned anything beyond token frequencies beats it)")
+
+        # ------------------------------------------------------------------------------------
+        fpt_cache = {}
+        training_time_ms = 0.0
+        run_start = time.perf_counter()
+        _sync(device)
+        t0 = time.perf_counter()
+        last_log = (0, 0.0)  # (step, training_time_ms) at the previous log, for throughput
+        for step in range(cfg.iterations + 1):
+            last_step = step == cfg.iterations
+            if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0):
+                _sync(device)
+                training_time_ms += 1000 * (time.perf_counter() - t0)
+                val_loss = evaluate(train_model, val_set, window_at(step), info).item()
+                result.val_losses.append((step, val_loss))
+                result.final_val_loss = val_loss
+                result.best_val_loss = min(result.best_val_loss, val_loss)
+                log(format_step_line(step, cfg.iterations, val_loss=val_loss, train_time_ms=training_time_ms,
+                                     step_avg_ms=training_time_ms / max(step, 1)))
+                logger.log_metrics({"Loss/val_loss": val_loss, "Loss/val_perplexity": _ppl(val_loss),
+                                    "Loss/best_val_loss": result.best_val_loss,
+                                    "Time/training_time_ms": training_time_ms}, step=step)
+                _sync(device)
+                t0 = time.perf_counter()
+            if last_step:
+                break
+
+            # ---------------- training step ----------------
+            batches = train_loader.next_step()
+            window = window_at(step)
+            recording = coord is not None and coord.wants(step, cfg.coord_check_every, cfg.coord_check_steps)
+            with monitor.activation_hooks(step), (coord.recording() if recording else _null()):
+                loss_sum = forward_backward(train_model, batches, window, grad_accum)
+            if recording:
+                logger.log_metrics(coord.finish_step(step), step=step)
+            monitor.after_backward(step)
+            factor = set_schedules(cfg, optimizers, muon, step)
+            monitor.before_optimizer(step)
+            for opt in optimizers:
+                opt.step()
+            monitor.after_optimizer(step)
+            model.zero_grad(set_to_none=True)
+
+            done = step + 1
+            if monitor.is_log_step(done) or done == cfg.iterations:
+                train_loss_t = all_reduce_mean(loss_sum / (grad_accum * cfg.seq_len), info)
+                metrics = monitor.collect(step, extra={"Loss/train_loss": train_loss_t})
+                train_loss = metrics["Loss/train_loss"]
+                elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
+                result.train_losses.append((done, train_loss))
+                log(format_step_line(done, cfg.iterations, train_loss=train_loss, train_time_ms=elapsed_ms,
+                                     step_avg_ms=elapsed_ms / done))
+                steps_since, ms_since = done - last_log[0], elapsed_ms - last_log[1]
+                last_log = (done, elapsed_ms)
+                tok_s = steps_since * tokens_per_step / max(ms_since / 1000, 1e-9)
+                key = window
+                if key not in fpt_cache:
+                    fpt_cache[key] = flops_per_token(
+                        depth=cfg.depth, width=cfg.width, head_dim=cfg.head_dim, vocab_size=model.cfg.padded_vocab,
+                        mlp_ratio=model.cfg.mlp_ratio, attn_layers=attn_layers,
+                        window_tokens=window_tokens_per_layer(step), seq_len=cfg.seq_len)
+                flops_s = tok_s * fpt_cache[key]
+                metrics.update({
+                    "Loss/train_perplexity": _ppl(train_loss),
+                    "Time/training_time_ms": elapsed_ms, "Time/step_avg_ms": elapsed_ms / done,
+                    "Time/total_time_s": time.perf_counter() - run_start,
+                    "Optimization/lr": adam.param_groups[0]["initial_lr"] * factor,
+                    "Optimization/lr_factor": factor, "Optimization/muon_lr": cfg.muon_lr * factor,
+                    "Optimization/momentum": muon.param_groups[0]["momentum"],
+                    "Perf/tokens_per_second": tok_s, "Perf/flops_per_second": flops_s,
+                    "Attention/long_window_tokens": 128 * window,
+                    **memory_metrics(device)})
+                if peak_flops:
+                    metrics["Perf/mfu"] = flops_s / (peak_flops * info.world_size)
+                logger.log_metrics(metrics, step=done)
+
+        _sync(device)
+        summary = {"best_val_loss": result.best_val_loss, "final_val_loss": result.final_val_loss,
+                   "total_steps": cfg.iterations, "total_time_s": time.perf_counter() - run_start,
+                   "training_time_ms": training_time_ms}
+        if result.unigram_entropy is not None:
+            summary["unigram_entropy"] = result.unigram_entropy
+            verdict = "below" if result.final_val_loss < result.unigram_entropy else "NOT below"
+            log(f"final val_loss {result.final_val_loss:.4f} is {verdict} the unigram entropy "
+                f"{result.unigram_entropy:.4f} of the validation tokens")
+        if coord is not None and info.is_main:
+            path = coord.save(run_dir / "coord_check.jsonl", width=cfg.width, mup=cfg.mup)
+            log(f"coordinate check: per-layer-type mean |x| of steps 0..{cfg.coord_check_steps - 1} in {path}")
+        if device.type == "cuda":
+            log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
+        logger.set_summary(summary)
+        logger.close()
+        return result
+    finally:
+        teardown(info)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers of run()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def _val_tokens(val_set) -> torch.Tensor:
+    return torch.cat([inputs.cpu() for inputs, _ in val_set])
+
+
+def _activation_modules(model: GPT) -> dict[str, nn.Module]:
+    mods = {"embed": model.embed, "lm_head": model.lm_head}
+    for i, block in enumerate(model.blocks):
+        if block.attn is not None:
+            mods[f"block{i}_attn"] = block.attn
+        mods[f"block{i}_mlp"] = block.mlp
+        mods[f"block{i}"] = block
+    return mods
+
+
+def _warmup_kernels(train_model, model, optimizers, loader, cfg, grad_accum, window_at, log):
+    """Compile / autotune on real batches, then restore the initial state (record: warm-up is not training).
+
+    The loader is restored too, so the measured run sees exactly the batches it would have seen.
+    """
+    t = time.perf_counter()
+    initial = dict(model=copy.deepcopy(model.state_dict()),
+                   optimizers=[copy.deepcopy(opt.state_dict()) for opt in optimizers],
+                   loader=copy.deepcopy(loader.state_dict()))
+    for i in range(cfg.warmup_steps):
+        # visit the window sizes the run will use, so no recompile happens inside the timed loop
+        step = (i * cfg.iterations) // max(cfg.warmup_steps, 1)
+        forward_backward(train_model, loader.next_step(), window_at(step), grad_accum)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    model.load_state_dict(initial["model"])
+    for opt, state in zip(optimizers, initial["optimizers"]):
+        opt.load_state_dict(state)
+    loader.load_state_dict(initial["loader"])
+    log(f"kernel warm-up: {cfg.warmup_steps} steps in {time.perf_counter() - t:.1f}s (state restored)")
