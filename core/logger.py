@@ -450,6 +450,8 @@ class SimpleLogger:
         Values must be Python numbers: a tensor here would force a host sync per call, so read
         device values back once per log step before calling this.
         """
+        if "step" in metrics:
+            raise ValueError("'step' is reserved for the step argument of log_metrics; drop it from metrics")
         row: dict[str, int | float] = {"step": int(step)}
         for k, v in metrics.items():
             if type(v) is float or type(v) is int:

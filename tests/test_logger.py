@@ -154,6 +154,8 @@ def test_log_metrics_rejects_tensors(tmp_path):
     lg = SimpleLogger(tmp_path / "r", CONFIG)
     with pytest.raises(TypeError, match="'Loss/train_loss' is a Tensor"):
         lg.log_metrics({LOSS_TRAIN: torch.tensor(1.0)}, step=0)
+    with pytest.raises(ValueError, match="reserved"):
+        lg.log_metrics({"step": 3.0}, step=0)
     lg.log_metrics({LOSS_TRAIN: torch.tensor(2.0).item(), "flag": True}, step=1)
     lg.close()
     assert _rows(tmp_path / "r" / "metrics.jsonl") == [{"step": 1, LOSS_TRAIN: 2.0, "flag": 1.0}]
