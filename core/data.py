@@ -284,8 +284,10 @@ def write_token_shards(docs: Iterable[np.ndarray], out_dir: str | Path, prefix: 
         bar.close()
     val.flush()
     train.flush()
-    wanted = f"{val_docs} documents" if val_docs is not None else f"{val_tokens + 1:,} tokens"
-    short = n_val_docs < val_docs if val_docs is not None else val.total < val_tokens + 1
+    if val_docs is not None:
+        short, wanted = n_val_docs < val_docs, f"{val_docs} documents"
+    else:
+        short, wanted = val.total < val_tokens + 1, f"{val_tokens + 1:,} tokens"
     if short or n_val_docs == 0:
         raise DataError(f"{out_dir}: the corpus ran out while filling validation ({n_val_docs} documents, "
                         f"{val.total:,} tokens of the {wanted} asked for); use a smaller --val-tokens/--val-docs.")

