@@ -290,7 +290,7 @@ class DistAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 rows = self._shard_rows(p)
                 p2 = p.view(1) if p.ndim == 0 else p
-                g2 = p.grad.view_as(p2) if p.grad is not None else torch.zeros_like(p2)
+                g2 = p.grad.reshape(p2.shape) if p.grad is not None else torch.zeros_like(p2)
                 padded = rows * ws != p2.shape[0]
                 if padded:
                     full_g = g2.new_zeros((rows * ws, *p2.shape[1:]))
