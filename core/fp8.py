@@ -44,11 +44,12 @@ REQUESTS = ("auto", "on", "off")
 def _mm_forward(x: Tensor, w: Tensor, x_s: float, w_s: float) -> tuple[Tensor, Tensor, Tensor]:
     x_f8 = x.div(x_s).to(E4M3)
     w_f8 = w.div(w_s).to(E4M3)
-    out = torch._scaled_mm(x_f8, w_f8.T,  # cuBLASLt wants mat1 row-major, mat2 column-major
-                           out_dtype=torch.bfloat16,
+    # cuBLASLt wants mat1 row-major and mat2 column-major (w_f8.T is). Fast accumulation in the
+    # forward only, as the reference; the backward accumulates in full precision.
+    out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16,
                            scale_a=x.new_tensor(x_s, dtype=torch.float32),
                            scale_b=x.new_tensor(w_s, dtype=torch.float32),
-                           use_fast_accum=True)  # as the reference: fast in the forward; the backward accumulates in full precision
+                           use_fast_accum=True)
     return out, x_f8, w_f8
 
 

@@ -196,8 +196,8 @@ def test_cuda_fp8_path():
     assert mode == "fp8", reason
     x, w, x_s, w_s, grad_s = lm_head_like(M=256, K=128, N=512)
     x, w = x.to(dev).bfloat16(), w.to(dev)
-    torch.library.opcheck(torch.ops.nanogpt.mm.default,
-                          (x.reshape(-1, 128).contiguous().requires_grad_(), w.clone().requires_grad_(), x_s, w_s, grad_s))
+    x2 = x.reshape(-1, 128).contiguous().requires_grad_()
+    torch.library.opcheck(torch.ops.nanogpt.mm.default, (x2, w.clone().requires_grad_(), x_s, w_s, grad_s))
     g = torch.randn(*x.shape[:-1], w.shape[0], device=dev).bfloat16().float()
     out = fp8_linear(x, w, x_s, w_s, grad_s, "fp8")
     assert out.dtype == torch.bfloat16

@@ -1,5 +1,6 @@
 """Single-process contract tests of core/optimizers.py: NS5 band, Muon update, DistAdam == torch Adam,
 build_optimizers coverage and LR multipliers, momentum warm-up."""
+import copy
 import math
 
 import numpy as np
@@ -275,3 +276,31 @@ def test_set_muon_momentum_warmup():
     assert set_muon_momentum(muon, 10_000) == pytest.approx(0.95)
     set_muon_momentum(muon, 75)
     assert all(g["momentum"] == pytest.approx(0.875) for g in muon.param_groups)
+
+
+def test_state_dict_round_trip_restores_the_trajectory():
+    # The trainer snapshots and restores optimizer state around its kernel warm-up steps.
+    model = TinyGPTLike()
+    adam, muon = build_optimizers(model, KINDS)
+
+    def run(steps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            adam.step()
+            muon.step()
+
+    run(2, 0)
+    snapshot = ([p.detach().clone() for p in model.parameters()],
+                copy.deepcopy(adam.state_dict()), copy.deepcopy(muon.state_dict()))
+    run(2, 1)
+    after = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), snapshot[0]):
+            p.copy_(s)
+    adam.load_state_dict(snapshot[1])
+    muon.load_state_dict(snapshot[2])
+    run(2, 1)
+    for p, a in zip(model.parameters(), after):
+        torch.testing.assert_close(p.detach(), a, rtol=0, atol=0)
