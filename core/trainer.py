@@ -213,8 +213,10 @@ def run(cfg: TrainConfig) -> RunResult:
             log("parametrisation: standard (the record's); use --mup --base-width B for muP")
 
         hidden = {n: p for n, p in model.named_parameters() if model.param_kinds()[n] == "hidden"}
+        # the monitor counts completed steps (1..N): step k's metrics describe the model after k updates
         monitor = TrainingMonitor(model, hidden, log_every=cfg.log_every, spectral_every=cfg.spectral_every,
-                                  activations=cfg.activations, activation_modules=_activation_modules(model))
+                                  activations=cfg.activations, activation_modules=_activation_modules(model),
+                                  total_steps=cfg.iterations)
         coord = CoordRecorder(model) if cfg.coord_check else None
         train_model = torch.compile(model, dynamic=False) if use_compile else model
 
@@ -260,23 +262,23 @@ def run(cfg: TrainConfig) -> RunResult:
             # ---------------- training step ----------------
             batches = train_loader.next_step()
             window = window_at(step)
+            done = step + 1
             recording = coord is not None and coord.wants(step, cfg.coord_check_every, cfg.coord_check_steps)
-            with monitor.activation_hooks(step), (coord.recording() if recording else _null()):
+            with monitor.activation_hooks(done), (coord.recording() if recording else _null()):
                 loss_sum = forward_backward(train_model, batches, window, grad_accum)
             if recording:
                 logger.log_metrics(coord.finish_step(step), step=step)
-            monitor.after_backward(step)
+            monitor.after_backward(done)
             factor = set_schedules(cfg, optimizers, muon, step)
-            monitor.before_optimizer(step)
+            monitor.before_optimizer(done)
             for opt in optimizers:
                 opt.step()
-            monitor.after_optimizer(step)
+            monitor.after_optimizer(done)
             model.zero_grad(set_to_none=True)
 
-            done = step + 1
-            if monitor.is_log_step(done) or done == cfg.iterations:
+            if monitor.is_log_step(done):
                 train_loss_t = all_reduce_mean(loss_sum / (grad_accum * cfg.seq_len), info)
-                metrics = monitor.collect(step, extra={"Loss/train_loss": train_loss_t})
+                metrics = monitor.collect(done, extra={"Loss/train_loss": train_loss_t})
                 train_loss = metrics["Loss/train_loss"]
                 elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
                 result.train_losses.append((done, train_loss))
