@@ -6,7 +6,7 @@ single device-to-host transfer per log step. Metric names are the SPEC section 6
 Per step, the trainer calls (all are no-ops, with no host synchronisation, on steps that do not log):
 
     with monitor.activation_hooks(step):        # hooks attached only on activation steps
-        loss = model(inputs, targets)
+        loss = monitor.module_for(step, compiled_model)(inputs, targets)
         loss.backward()
     monitor.after_backward(step)                # log steps: global grad norm (foreach, on device)
     monitor.before_optimizer(step)              # spectral steps: snapshot of the hidden matrices
@@ -22,6 +22,12 @@ are log steps too, so every measured value is logged at the step it belongs to a
 group has no gaps. Call `after_backward` once the gradients are final (after accumulation; in the
 record, Muon/DistAdam average gradients across ranks inside `step()`, so the grad norm here is the
 local one and the trainer reduces it across ranks with the other metrics).
+
+torch.compile: a compiled graph does not see forward hooks added after it was compiled (dynamo skips
+hook guards by default, `torch._dynamo.config.skip_nnmodule_hook_guards`), so hooks attached only on
+some steps would silently measure nothing. `module_for(step, compiled)` therefore returns the eager
+module on activation steps (slower, only on those steps) and the compiled one otherwise; the compiled
+graph is never recompiled for the hooks.
 
 Keys: `Optimization/grad_norm`, `Model/param_norm` (global L2 norms); `Model/spectral_norm_max|mean|std`
 (population std over the hidden matrices), `Model/spectral_norm/<matrix>`, `Model/spectral_residual_max`
@@ -126,6 +132,10 @@ class TrainingMonitor:
                 or self.measures_spectral(step) or self.measures_activations(step))
 
     # ------------------------------------------------------------------ hooks
+
+    def module_for(self, step: int, compiled: nn.Module) -> nn.Module:
+        """The module to run this step's forward with: the eager model on activation steps (see module doc)."""
+        return self.model if self.measures_activations(step) else compiled
 
     @contextmanager
     def activation_hooks(self, step: int) -> Iterator[None]:

@@ -193,3 +193,25 @@ def test_collect_without_pending_values_reads_nothing(monkeypatch):
     counter = HostSyncCounter(monkeypatch)
     assert mon.collect(3, extra={"Optimization/lr": 0.1}) == {"Optimization/lr": 0.1}
     assert counter.n == 0
+
+
+def test_module_for_keeps_activation_stats_with_a_compiled_model():
+    # A compiled graph ignores hooks added after compilation; module_for runs activation steps eagerly.
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    compiled = torch.compile(model, backend=backend)
+    mon = TrainingMonitor(model, {}, log_every=1, activations=True, activation_every=2,
+                          activation_modules={"fc0": model[0]})
+    for step in range(6):
+        with mon.activation_hooks(step):
+            mon.module_for(step, compiled)(torch.randn(4, 8)).sum().backward()
+        got = mon.collect(step)
+        assert ("Activations/fc0_mean" in got) == (step % 2 == 0), f"step {step}: {sorted(got)}"
+    assert len(compiles) == 1, "the compiled graph must not be recompiled for the hooks"
+    torch._dynamo.reset()
