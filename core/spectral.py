@@ -85,18 +85,27 @@ def matrix_slices(name: str, param: Tensor) -> list[tuple[str, Tensor]]:
 
 
 def resolve_targets(model: nn.Module | None, target_params) -> dict[str, Tensor]:
-    """`target_params` as a dict name -> parameter, or names of `model`'s parameters."""
+    """`target_params` as a dict name -> parameter; also accepts names of `model`'s parameters, or the
+    parameters themselves (e.g. the optimizer's `hidden_matrix_params` list), named as in the model."""
     if isinstance(target_params, Mapping):
         return dict(target_params)
     if model is None:
-        raise ValueError("target_params given as names needs the model to look them up; pass model=")
+        raise ValueError("target_params given as names or a list of parameters needs the model to name them; "
+                         "pass model=, or a dict name -> parameter")
     named = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in named.items()}
     out = {}
-    for name in target_params:
-        if name not in named:
+    for item in target_params:
+        if isinstance(item, Tensor):
+            if id(item) not in by_id:
+                raise KeyError(f"a tensor of shape {tuple(item.shape)} in target_params is not a parameter of the "
+                               f"model; pass the model's own parameters, or a dict name -> tensor")
+            out[by_id[id(item)]] = item
+        elif item in named:
+            out[item] = named[item]
+        else:
             sample = ", ".join(list(named)[:5])
-            raise KeyError(f"{name!r} is not a parameter of the model (names look like: {sample}, ...)")
-        out[name] = named[name]
+            raise KeyError(f"{item!r} is not a parameter of the model (names look like: {sample}, ...)")
     return out
 
 
@@ -381,7 +390,8 @@ def compute_weight_spectral_norms(
     """Largest singular value of each target matrix, as 0-d device tensors keyed by name.
 
     model: the module whose parameters `target_params` names (may be None when a dict is given).
-    target_params: dict name -> parameter, or an iterable of parameter names of `model`.
+    target_params: dict name -> parameter, or an iterable of parameter names of `model` or of its
+        parameters (named as in `model.named_parameters()`).
         3D parameters give one entry per matrix (``<name>.q/.k/.v`` for a qkv stack, else ``<name>[i]``).
     mode: ``"power"`` (default, within 1% at small cost), ``"ns5-fast"`` (biased, see module doc),
         ``"ns3-accurate"``, or ``"exact"`` (SVD, validation only).

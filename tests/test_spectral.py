@@ -115,6 +115,11 @@ def test_names_resolved_on_the_model_and_errors_say_what_to_do():
     model = nn.Sequential(nn.Linear(32, 64, bias=False), nn.ReLU(), nn.Linear(64, 32, bias=False))
     out = compute_weight_spectral_norms(model, ["0.weight", "2.weight"])
     assert abs(out["2.weight"].item() / exact(model[2].weight.detach()) - 1) < 0.01
+    # the user's docs pass the optimizer's parameter list itself
+    by_param = compute_weight_spectral_norms(model, [model[0].weight, model[2].weight], mode="ns5-fast", power_iters=7)
+    assert set(by_param) == {"0.weight", "2.weight"}
+    with pytest.raises(KeyError, match="not a parameter of the model"):
+        compute_weight_spectral_norms(model, [torch.zeros(3, 3)])
     with pytest.raises(KeyError, match="names look like"):
         compute_weight_spectral_norms(model, ["nope.weight"])
     with pytest.raises(ValueError, match="choose one of"):
