@@ -64,6 +64,13 @@ class TrainConfig:
     spectral_every: int | None = None # spectral norms of Muon matrices every N steps (env MONITOR_SPECTRAL_EVERY; default 100)
     activations: bool | None = None   # activation statistics via forward hooks (env MONITOR_ACTIVATIONS; default off)
     peak_tflops: float | None = None  # override the hardware peak for MFU (bf16 dense TFLOP/s)
+    # --- checkpoints and failure handling (core/checkpoint.py, core/guard.py) -------------------
+    save_every: int = 0               # write a checkpoint every N steps, and at the end (0 = only on SIGTERM/SIGINT)
+    keep_last: int = 2                # keep the K newest checkpoints of the run (0 = keep all)
+    resume: str | None = None         # PATH (a step_*.pt or a run folder) or auto: newest checkpoint of --run-name, else a new run
+    nan_policy: str = "abort"         # abort | skip: on a NaN/inf loss or gradient stop, or skip that update
+    max_nan_skips: int = 10           # with --nan-policy skip: stop after this many consecutive skipped steps
+    spike_factor: float = 10.0        # flag a train loss above this x the running minimum (0 = off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help=help_text)
         elif f.name == "wandb_tags":
             p.add_argument(name, nargs="*", default=[], help=help_text)
-        elif f.name in ("device", "compile", "fp8"):
+        elif f.name in ("device", "compile", "fp8", "nan_policy"):
             choices = {"device": ["auto", "cpu", "cuda"], "compile": ["auto", "true", "false"],
-                       "fp8": ["auto", "on", "off"]}[f.name]
+                       "fp8": ["auto", "on", "off"], "nan_policy": ["abort", "skip"]}[f.name]
             p.add_argument(name, choices=choices, default=f.default, help=help_text)
         else:
             base = str(f.type).replace(" | None", "")
@@ -202,6 +209,16 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(cfg.adam_lr > 0 and cfg.muon_lr > 0, "--adam-lr and --muon-lr must be positive")
     if cfg.peak_tflops is not None:
         need(cfg.peak_tflops > 0, f"--peak-tflops must be positive, got {cfg.peak_tflops}")
+    # checkpoints and failure handling
+    need(cfg.save_every >= 0, f"--save-every must be >= 0 (0 = only on a stop signal), got {cfg.save_every}")
+    need(cfg.keep_last >= 0, f"--keep-last must be >= 0 (0 = keep all), got {cfg.keep_last}")
+    need(cfg.nan_policy in ("abort", "skip"), f"--nan-policy must be abort or skip, got {cfg.nan_policy!r}")
+    need(cfg.max_nan_skips >= 1, f"--max-nan-skips must be >= 1, got {cfg.max_nan_skips}")
+    need(cfg.spike_factor == 0 or cfg.spike_factor > 1,
+         f"--spike-factor must be > 1 (a multiple of the running minimum loss) or 0 to turn it off, got {cfg.spike_factor}")
+    if cfg.resume is not None and cfg.resume != "auto":
+        need(os.path.exists(cfg.resume), f"--resume {cfg.resume}: no such file or folder; pass a checkpoint "
+                                         "(logs/<run>/checkpoints/step_*.pt), a run folder, or auto")
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
