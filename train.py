@@ -7,6 +7,22 @@
     python train.py --width 256 --iterations 100 --use-wandb false
 
 Every flag: `python train.py --help`. The loop lives in core/trainer.py.
+
+Checkpoints and restarts (core/checkpoint.py, core/guard.py):
+
+    python train.py --run-name exp1 --save-every 100 --resume auto   # same command for the first start and
+                                                                    # every restart after a preemption
+
+Exit codes (so that sweep and job scripts can tell what happened):
+
+    0    finished
+    1    crashed (a bug or a hardware/system failure; Python's traceback is printed)
+    2    bad input: a flag, the data (the file is named), a checkpoint, or the log folder; no traceback
+    3    stopped by SIGTERM/SIGINT after finishing the current step and writing a checkpoint;
+         resume with the same command plus --resume auto (keep --run-name)
+    4    stopped by a non-finite loss or gradient (--nan-policy); the message names the step, the
+         parameter group and the last good checkpoint
+    128+N  a second signal N (130 for SIGINT, 143 for SIGTERM) while stopping: exited at once, no checkpoint
 """
 import sys
 
@@ -16,13 +32,22 @@ EXIT_BAD_INPUT = 2
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    from core.trainer import run  # heavy imports only after the flags parsed
+    cfg = parse_args(argv)  # argparse exits with 2 itself on an unknown flag or a malformed value
+    # heavy imports only after the flags parsed
+    from core.data import DataError
+    from core.guard import EXIT_NONFINITE, EXIT_STOPPED, NonFiniteError, StopRequested
+    from core.trainer import run
     try:
         run(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:  # ConfigError covers core.checkpoint.CheckpointError
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StopRequested as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     return 0
 
 

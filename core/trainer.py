@@ -137,12 +137,19 @@ def run(cfg: TrainConfig) -> RunResult:
     from core.mfu import detect_peak_flops, flops_per_token
     from core.monitor import TrainingMonitor
     from core.coord_check import CoordRecorder
+    from core import checkpoint as ckpt_io
+    from core.guard import EXIT_NONFINITE, EXIT_STOPPED, GracefulStop, NonFiniteError, NonFiniteGuard, StopRequested
 
+    stop = GracefulStop()
     info = setup_distributed(cfg.device)
     try:
         device = info.device
         resolve_defaults(cfg, device.type)
         validate(cfg, info.world_size)
+        # --resume: find, verify and check the checkpoint before any heavy work (bad or incompatible: exit 2)
+        notes: list[str] = []  # logged once the logger exists
+        resume_path, resumed = ckpt_io.resolve_resume(cfg, notes.append)
+        config_changes = ckpt_io.check_compatible(resumed, cfg, resume_path) if resumed is not None else []
         grad_accum = grad_accum_steps(cfg, info.world_size)
         fp8_mode, fp8_reason = resolve_fp8_mode(cfg.fp8, device)
         use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
@@ -162,13 +169,34 @@ def run(cfg: TrainConfig) -> RunResult:
 
         cfg.run_name = cfg.run_name or make_run_name(mup=cfg.mup, width=cfg.width, base_width=cfg.base_width)
         run_dir = Path(cfg.log_dir) / cfg.run_name
-        logger = SimpleLogger(
-            run_dir, cfg.to_dict(), rank=info.rank, use_wandb=cfg.use_wandb,
-            wandb_project=cfg.wandb_project or default_wandb_project(cfg.mup),
-            wandb_entity=cfg.wandb_entity, wandb_run_name=cfg.wandb_run_name or cfg.run_name,
-            wandb_tags=tuple(cfg.wandb_tags))
+        continuing = bool(cfg.resume) and run_dir.is_dir()  # a resumed run appends to its folder's logs
+        if continuing and info.is_main:
+            dropped = ckpt_io.truncate_metrics(run_dir, resumed["trainer"]["metrics_bytes"] if resumed else 0)
+            if dropped:
+                notes.append(f"resume: dropped {dropped} metrics.jsonl row(s) logged after the checkpoint by the "
+                             "interrupted attempt; this run logs those steps again")
+        try:
+            logger = SimpleLogger(
+                run_dir, cfg.to_dict(), rank=info.rank, use_wandb=cfg.use_wandb,
+                wandb_project=cfg.wandb_project or default_wandb_project(cfg.mup),
+                wandb_entity=cfg.wandb_entity, wandb_run_name=cfg.wandb_run_name or cfg.run_name,
+                wandb_tags=tuple(cfg.wandb_tags), resume=continuing,
+                wandb_resume_id=resumed.get("wandb_run_id") if resumed else None)
+        except FileExistsError as e:
+            raise ConfigError(f"{e} (from the command line: add --resume auto to continue it)") from None
+        except PermissionError as e:
+            raise ConfigError(str(e)) from None
         log = logger.info
         result = RunResult(run_dir=run_dir)
+        for note in notes:
+            log(note)
+        if resumed is not None:
+            log(f"resume: {resume_path} (after step {resumed['step']}, written by {resumed['world_size']} process(es))")
+            for change in config_changes:
+                log(f"resume: config changed since the checkpoint: {change}")
+            if resumed["world_size"] != info.world_size:
+                log(f"resume: world size {resumed['world_size']} -> {info.world_size}: same global batch, so the run "
+                    "continues the same training, equal to an uninterrupted one up to float rounding (not bitwise)")
 
         log(f"python {sys.version.split()[0]} | torch {torch.__version__} | {platform.platform()}")
         log(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
@@ -218,6 +246,9 @@ def run(cfg: TrainConfig) -> RunResult:
                                   activations=cfg.activations, activation_modules=_activation_modules(model),
                                   total_steps=cfg.iterations)
         coord = CoordRecorder(model) if cfg.coord_check else None
+        guard = NonFiniteGuard(model, model.param_kinds(), optimizers, policy=cfg.nan_policy,
+                               max_skips=cfg.max_nan_skips, spike_factor=cfg.spike_factor, device=device,
+                               distributed=info.distributed)
         train_model = torch.compile(model, dynamic=False) if use_compile else model
 
         train_loader = BatchLoader(data.train_files, cfg.seq_len, info.world_size * grad_accum, rank=info.rank,
@@ -236,11 +267,41 @@ def run(cfg: TrainConfig) -> RunResult:
         # ------------------------------------------------------------------------------------
         fpt_cache = {}
         training_time_ms = 0.0
+        start_step = 0
+        if resumed is not None:
+            saved = ckpt_io.restore_run(resumed, resume_path, info=info, model=model, adam=adam, muon=muon,
+                                        loader=train_loader, monitor=monitor, guard=guard)
+            start_step, training_time_ms = resumed["step"], saved["training_time_ms"]
+            result.best_val_loss = saved["best_val_loss"]
+            if coord is not None:
+                coord.rows = list(saved["coord_rows"])
+            resumed = None  # free the host copy
+            log(f"resume: model, optimizers, data position, RNG and monitor restored; continuing after step "
+                f"{start_step}")
+
+        def save(step_done: int, time_ms: float, check_guard: bool = True) -> Path:
+            """Checkpoint after `step_done` steps (every rank calls it). Never saves a NaN: the guard's
+            counters are read first (abort policy: a non-finite step since the last log stops the run here)."""
+            if check_guard:
+                for line in guard.report(guard.read(), step_done).lines:
+                    log(line)
+            t = time.perf_counter()
+            trainer_state = {"training_time_ms": time_ms, "best_val_loss": result.best_val_loss,
+                             "coord_rows": coord.rows if coord is not None else [],
+                             "metrics_bytes": _metrics_bytes(run_dir) if info.is_main else 0}
+            payload = ckpt_io.build_payload(step=step_done, cfg=cfg, info=info, model=model, adam=adam, muon=muon,
+                                            loader=train_loader, monitor=monitor, guard=guard,
+                                            trainer_state=trainer_state, wandb_run_id=logger.wandb_run_id)
+            path = ckpt_io.save_run_checkpoint(run_dir, payload, cfg.keep_last, info)
+            log(f"checkpoint: {path} (step {step_done}, {time.perf_counter() - t:.1f}s)")
+            return path
+
         run_start = time.perf_counter()
         _sync(device)
         t0 = time.perf_counter()
-        last_log = (0, 0.0)  # (step, training_time_ms) at the previous log, for throughput
-        for step in range(cfg.iterations + 1):
+        last_log = (start_step, training_time_ms)  # (step, training_time_ms) at the previous log, for throughput
+        stop.install()  # SIGTERM/SIGINT: finish the step, checkpoint, exit (core/guard.py)
+        for step in range(start_step, cfg.iterations + 1):
             last_step = step == cfg.iterations
             if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0):
                 _sync(device)
@@ -269,17 +330,24 @@ def run(cfg: TrainConfig) -> RunResult:
             if recording:
                 logger.log_metrics(coord.finish_step(step), step=step)
             monitor.after_backward(done)
+            bad = guard.check(done, loss_sum / (grad_accum * cfg.seq_len))  # device flag, no host sync
             factor = set_schedules(cfg, optimizers, muon, step)
             monitor.before_optimizer(done)
+            guard.snapshot()  # --nan-policy skip only: copy weights + state to put back if `bad`
             for opt in optimizers:
                 opt.step()
+            guard.restore(bad)
             monitor.after_optimizer(done)
             model.zero_grad(set_to_none=True)
 
             if monitor.is_log_step(done):
                 train_loss_t = all_reduce_mean(loss_sum / (grad_accum * cfg.seq_len), info)
-                metrics = monitor.collect(done, extra={"Loss/train_loss": train_loss_t})
+                metrics = monitor.collect(done, extra={"Loss/train_loss": train_loss_t, **guard.device_values()})
                 train_loss = metrics["Loss/train_loss"]
+                guard_report = guard.report(metrics, done)  # raises NonFiniteError when the policy says stop
+                metrics.update(guard_report.metrics)
+                for line in guard_report.lines:
+                    log(line)
                 elapsed_ms = training_time_ms + 1000 * (time.perf_counter() - t0)
                 result.train_losses.append((done, train_loss))
                 log(format_step_line(done, cfg.iterations, train_loss=train_loss, train_time_ms=elapsed_ms,
@@ -308,6 +376,19 @@ def run(cfg: TrainConfig) -> RunResult:
                     metrics["Perf/mfu"] = flops_s / (peak_flops * info.world_size)
                 logger.log_metrics(metrics, step=done)
 
+            # ---------------- checkpoint / graceful stop ----------------
+            stop_signal = None
+            if done < cfg.iterations and (not info.distributed or monitor.is_log_step(done)):
+                stop_signal = stop.agreed(device, info.distributed)  # several ranks agree at log steps
+            if stop_signal or (cfg.save_every > 0 and (done % cfg.save_every == 0 or done == cfg.iterations)):
+                _sync(device)
+                training_time_ms += 1000 * (time.perf_counter() - t0)
+                saved_path = save(done, training_time_ms)
+                _sync(device)
+                t0 = time.perf_counter()
+                if stop_signal:
+                    raise StopRequested(stop_signal, done, str(saved_path))
+
         _sync(device)
         summary = {"best_val_loss": result.best_val_loss, "final_val_loss": result.final_val_loss,
                    "total_steps": cfg.iterations, "total_time_s": time.perf_counter() - run_start,
@@ -326,7 +407,27 @@ def run(cfg: TrainConfig) -> RunResult:
         logger.set_summary(summary)
         logger.close()
         return result
+    except StopRequested as e:
+        log(str(e))
+        logger.set_summary({"stopped_at_step": e.step, "stop_signal": e.signal_name, "checkpoint": e.checkpoint,
+                            "best_val_loss": result.best_val_loss, "training_time_ms": training_time_ms})
+        logger.close(exit_code=EXIT_STOPPED)
+        raise
+    except NonFiniteError as e:
+        kept = None
+        if cfg.nan_policy == "skip":  # the gate kept the weights finite: save them, the literal last good state
+            kept = save(done, training_time_ms + 1000 * (time.perf_counter() - t0), check_guard=False)
+        on_disk = ckpt_io.list_checkpoints(run_dir)
+        last = kept or (on_disk[-1][1] if on_disk else None)
+        e.args = (f"{e} Last good checkpoint: {last}" + (" (resume with --resume auto, e.g. with a lower LR)" if last
+                  else " -- none was written; use --save-every N to keep checkpoints."),)
+        log(f"stopping: {e}")
+        logger.set_summary({"nonfinite_step": e.step, "nonfinite_groups": ", ".join(e.groups),
+                            "last_good_checkpoint": str(last) if last else None})
+        logger.close(exit_code=EXIT_NONFINITE)
+        raise
     finally:
+        stop.uninstall()
         teardown(info)
 
 
@@ -340,6 +441,12 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def _metrics_bytes(run_dir: Path) -> int:
+    """Length of metrics.jsonl now (the logger flushes every row); a resume cuts the file back to it."""
+    path = run_dir / "metrics.jsonl"
+    return path.stat().st_size if path.exists() else 0
 
 
 def _ppl(loss: float) -> float:
