@@ -1,16 +1,33 @@
-"""Process-group and device setup, in one place. Nothing here runs at import time.
+"""Process-group and device setup, and the few cross-rank reductions the trainer needs. Nothing here
+runs at import time.
 
 `torchrun` sets RANK / LOCAL_RANK / WORLD_SIZE; without them training runs in one process with no
-process group at all. NCCL on CUDA, gloo on CPU.
+process group at all (and none of the functions below makes a `torch.distributed` call). NCCL on
+CUDA, gloo on CPU; one node or many, as torchrun launches them:
+
+    torchrun --standalone --nproc_per_node=8 train.py ...                      # one node
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 \\
+             --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 train.py ...      # each of 2 nodes
+
+Failure handling: a rank that raises or dies makes torchrun stop the others at once. A rank that
+hangs is caught by the process-group timeout (`DIST_TIMEOUT_S`, default 300 s): the waiting ranks'
+collectives fail after it (gloo raises; NCCL's watchdog tears the process down, the default
+TORCH_NCCL_ASYNC_ERROR_HANDLING=3), and torchrun then stops the whole job.
 """
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# Long enough for the slowest rank's first torch.compile and for rank 0 to build the data cache
+# while the others wait at a barrier; short enough that a hung rank ends the job in minutes.
+DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_ENV = "DIST_TIMEOUT_S"
 
 
 @dataclass(frozen=True)
@@ -38,8 +55,26 @@ def pick_device(device_flag: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def setup_distributed(device_flag: str = "auto", timeout_s: float = 300.0) -> DistInfo:
-    """Read torchrun's environment, pick the device, and start the process group when world size > 1."""
+def process_group_timeout(env: dict | None = None) -> float:
+    """Seconds a collective may wait for the other ranks: `DIST_TIMEOUT_S` or DEFAULT_TIMEOUT_S."""
+    env = os.environ if env is None else env
+    raw = env.get(TIMEOUT_ENV)
+    if raw is None or raw == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds, e.g. 300")
+    return value
+
+
+def setup_distributed(device_flag: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Read torchrun's environment, pick the device, and start the process group when world size > 1.
+
+    timeout_s: how long a collective waits for a missing rank before failing (None: `process_group_timeout()`).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -48,10 +83,12 @@ def setup_distributed(device_flag: str = "auto", timeout_s: float = 300.0) -> Di
         torch.cuda.set_device(device)
     if world_size == 1:
         return DistInfo(0, 0, 1, device, None)
+    if timeout_s is None:
+        timeout_s = process_group_timeout()
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if device.type == "cuda":
-        kwargs["device_id"] = device
+        kwargs["device_id"] = device  # binds the communicator to this GPU (eager NCCL init)
     dist.init_process_group(**kwargs)
     return DistInfo(rank, local_rank, world_size, device, backend)
 
@@ -61,10 +98,45 @@ def teardown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------------------------------------
+# Reductions (each a no-op on one process)
+
+
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Average a device tensor over ranks (in place); a no-op on one process."""
+    """Average a device tensor over ranks (in place) and return it."""
     if info.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.AVG if info.backend == "nccl" else dist.ReduceOp.SUM)
-        if info.backend != "nccl":  # gloo has no AVG
-            t.div_(info.world_size)
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)  # NCCL and (torch >= 2.13) gloo both implement AVG
     return t
+
+
+def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
+    """Rank `src`'s value of a small picklable object (e.g. the run name), on every rank."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    # NCCL moves the pickled bytes through the current CUDA device, which setup_distributed has set.
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@torch.no_grad()
+def global_grad_norm(params, info: DistInfo) -> torch.Tensor:
+    """L2 norm (fp32, 0-dim device tensor) of the gradient averaged over ranks: the gradient the optimizers
+    apply, and the norm one process would see on the same global batch.
+
+    The optimizers average gradients inside `step()` and leave each rank's `.grad` local, so the local
+    norm differs per rank (and overstates the global one by the batch noise). With several ranks this
+    all-reduces an fp32 copy of the gradients (the parameters' size, once per call; the trainer calls it
+    on log steps only), so training itself is untouched. Parameters without a gradient count as zero.
+    """
+    params = list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not info.distributed:
+        if not grads:
+            return torch.zeros((), device=info.device)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+    # every rank sends one value per parameter element, gradient or not, so the sizes always match
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
+                      for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+    return torch.linalg.vector_norm(flat)

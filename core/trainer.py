@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from core import mup
 from core.config import ConfigError, TrainConfig, grad_accum_steps, resolve_defaults, validate
-from core.distributed import DistInfo, all_reduce_mean, setup_distributed, teardown
+from core.distributed import DistInfo, all_reduce_mean, broadcast_object, global_grad_norm, setup_distributed, teardown
 from core.model import GPT, GPTConfig
 from core.optimizers import build_optimizers
 from core.schedule import lr_factor, muon_momentum, window_blocks
@@ -167,7 +167,9 @@ def run(cfg: TrainConfig) -> RunResult:
             raise ConfigError(f"the validation set of {data.val_tokens} tokens is smaller than one validation batch "
                               f"(val_seq_len x world_size = {cfg.val_seq_len * info.world_size}): lower --val-seq-len")
 
-        cfg.run_name = cfg.run_name or make_run_name(mup=cfg.mup, width=cfg.width, base_width=cfg.base_width)
+        # rank 0's name on every rank: the timestamps of the ranks' clocks may differ by a second
+        cfg.run_name = broadcast_object(
+            cfg.run_name or make_run_name(mup=cfg.mup, width=cfg.width, base_width=cfg.base_width), info)
         run_dir = Path(cfg.log_dir) / cfg.run_name
         continuing = bool(cfg.resume) and run_dir.is_dir()  # a resumed run appends to its folder's logs
         if continuing and info.is_main:
@@ -260,7 +262,9 @@ def run(cfg: TrainConfig) -> RunResult:
             _warmup_kernels(train_model, model, optimizers, train_loader, cfg, grad_accum, window_at, log)
 
         if data.is_embedded and info.is_main:
-            result.unigram_entropy = unigram_entropy(_val_tokens(val_set))
+            # the whole validation set, not rank 0's share, so the baseline does not depend on the world size
+            whole_val = val_set if not info.distributed else val_batches(data.val_files, cfg.val_seq_len, val_tokens)
+            result.unigram_entropy = unigram_entropy(_val_tokens(whole_val))
             log(f"unigram entropy of the validation tokens: {result.unigram_entropy:.4f} nats "
                 f"(a model that learned anything beyond token frequencies beats it)")
 
@@ -331,6 +335,9 @@ def run(cfg: TrainConfig) -> RunResult:
                 logger.log_metrics(coord.finish_step(step), step=step)
             monitor.after_backward(done)
             bad = guard.check(done, loss_sum / (grad_accum * cfg.seq_len))  # device flag, no host sync
+            # with several ranks the monitor's grad norm is this rank's local one: log the averaged gradient's
+            grad_norm_t = (global_grad_norm(model.parameters(), info)
+                           if info.distributed and monitor.is_log_step(done) else None)
             factor = set_schedules(cfg, optimizers, muon, step)
             monitor.before_optimizer(done)
             guard.snapshot()  # --nan-policy skip only: copy weights + state to put back if `bad`
@@ -342,7 +349,10 @@ def run(cfg: TrainConfig) -> RunResult:
 
             if monitor.is_log_step(done):
                 train_loss_t = all_reduce_mean(loss_sum / (grad_accum * cfg.seq_len), info)
-                metrics = monitor.collect(done, extra={"Loss/train_loss": train_loss_t, **guard.device_values()})
+                extra = {"Loss/train_loss": train_loss_t, **guard.device_values()}
+                if grad_norm_t is not None:
+                    extra["Optimization/grad_norm"] = grad_norm_t  # extra keys override the monitor's
+                metrics = monitor.collect(done, extra=extra)
                 train_loss = metrics["Loss/train_loss"]
                 guard_report = guard.report(metrics, done)  # raises NonFiniteError when the policy says stop
                 metrics.update(guard_report.metrics)
