@@ -209,9 +209,11 @@ class TrainingMonitor:
     # ------------------------------------------------------------------ readback
 
     def collect(self, step: int, extra: Mapping[str, Tensor | float] | None = None) -> dict[str, float]:
-        """Every pending metric (and `extra` device tensors, e.g. the loss) in ONE host transfer.
+        """Every pending metric (and `extra` values, e.g. the loss) in ONE host transfer.
 
-        `step` is accepted for symmetry with the other callbacks and for future per-step checks.
+        extra: key -> one-element device tensor (read back in the same transfer) or Python number;
+        an `extra` key overrides a monitor key of the same name (e.g. a rank-averaged grad norm).
+        `step` is the step the trainer logs, the same number it passed to the other callbacks.
         """
         pending = list(self._pending)
         out: dict[str, float] = {}

@@ -6,10 +6,10 @@ and `matrix_slices` (how 3D parameters are split into matrices and named).
 
 Modes (`mode=`):
 
-- ``"power"`` (default): block power iteration on W^T W with a Rayleigh-Ritz step, in float32
-  matmuls. Stateless calls start cold (random block, `cold_iters` iterations); a
-  `SpectralNormTracker` keeps each matrix's block between calls, so that during training (weights
-  move slowly) a few warm iterations per call keep it converged. The estimate is a Rayleigh
+- ``"power"`` (default): block power iteration on W^T W (a block of 8 vectors) with a
+  Rayleigh-Ritz step, in float32 matmuls (TF32 if the trainer enables it, ~1e-3 relative). Stateless
+  calls start cold (random block, 30 iterations); a `SpectralNormTracker` keeps each matrix's block
+  between calls and in checkpoints, so warm calls need fewer iterations (16). The estimate is a Rayleigh
   quotient ||W v|| / ||v||, hence never above the true norm; the residual
   ||W^T u - s v|| / s bounds the distance to *a* singular value (|s - s_i| <~ s * residual / 2);
   the block (several vectors) is what makes that singular value the largest one in practice.
@@ -21,8 +21,9 @@ Modes (`mode=`):
   Q^T W; bf16 matmuls, fp32 norms. Caveat, measured rather than assumed: NS iterates are odd
   polynomials p(W) = U p(S) V^T, so Q^T W = V p(S) S V^T and the estimate converges to
   max_i p(s_i) s_i, not to s_1. The quintic Muon coefficients deliberately do not converge to 1
-  (p(s) spreads over roughly 0.68-1.14, see the `zeropower_via_newtonschulz5` docstring in the
-  modded-nanogpt record), so **ns5-fast is biased by up to tens of percent**, in either direction;
+  (the record's `zeropower_via_newtonschulz5` docstring: the output's singular values are roughly
+  Uniform(0.5, 1.5); five steps map a rank-one matrix's 1 to 0.696), so **ns5-fast is biased by up
+  to tens of percent**, in either direction;
   the cubic iteration does converge to 1 for the top singular values but only after ~12 steps from
   a Frobenius-normalised start and is then limited by bf16 rounding. Also, power iteration on
   |W| contracts by s_2/s_1 per step where power iteration on W^T W contracts by (s_2/s_1)^2 for the
@@ -46,7 +47,7 @@ Call it on every rank or on rank 0 only: it runs no collectives.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ DEFAULT_MODE = "power"
 # (`zeropower_via_newtonschulz5`); chosen for slope at zero, not for convergence to 1.
 NS5_COEFFS = (3.4445, -4.7750, 2.0315)
 NS5_STEPS = 5
-# Classical cubic Newton-Schulz for the polar factor (Higham, "Functions of Matrices", 8.3):
+# Classical cubic Newton-Schulz for the polar factor (Higham, "Functions of Matrices", 2008, ch. 8):
 # converges for singular values in (0, sqrt(3)); from a Frobenius-normalised start the top values
 # (>= 1/sqrt(rank) of the norm) need ~log(sqrt(rank))/log(1.5) growth steps plus ~3 to converge.
 NS3_COEFFS = (1.5, -0.5)

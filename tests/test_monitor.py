@@ -215,3 +215,15 @@ def test_module_for_keeps_activation_stats_with_a_compiled_model():
         assert ("Activations/fc0_mean" in got) == (step % 2 == 0), f"step {step}: {sorted(got)}"
     assert len(compiles) == 1, "the compiled graph must not be recompiled for the hooks"
     torch._dynamo.reset()
+
+
+def test_extra_tensors_share_the_transfer_and_override_monitor_keys(monkeypatch):
+    model = Tiny()
+    mon = TrainingMonitor(model, hidden_of(model), log_every=1, spectral_every=0)
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    mon.after_backward(1)
+    mon.after_optimizer(1)
+    counter = HostSyncCounter(monkeypatch)
+    out = mon.collect(1, extra={"Optimization/grad_norm": torch.tensor(7.0), "Loss/train_loss": torch.tensor([2.5])})
+    assert counter.n == 1
+    assert out["Optimization/grad_norm"] == 7.0 and out["Loss/train_loss"] == 2.5 and "Model/param_norm" in out
