@@ -1,0 +1,111 @@
+"""muP: InfShape, the rule table, muP == SP at the base width, init statistics, and the coordinate check."""
+import math
+
+import pytest
+import torch
+
+from core import mup
+from core.config import TrainConfig, resolve_defaults
+from core.coord_check import LAYER_TYPES, measure, slopes, verdict
+from core.model import GPT, GPTConfig
+from core.trainer import build_model, build_optimizer_pair, forward_backward, set_schedules
+
+
+def train_cfg(**kw):
+    base = dict(width=64, depth=4, head_dim=16, seq_len=256, batch_tokens=256, val_seq_len=256,
+                iterations=20, seed=0, spectral_every=0, activations=False)
+    base.update(kw)
+    return resolve_defaults(TrainConfig(**base), "cpu", env={})
+
+
+def test_infshape_marks_exactly_the_width_dimensions():
+    cfg = GPTConfig(depth=12, width=512, head_dim=64, max_seq_len=256, mup=True, base_width=128)
+    shapes = mup.infer_infshapes(cfg, base_width=128)
+    inf = {name: tuple(d.is_infinite for d in s.dims) for name, s in shapes.items()}
+    assert inf["embed.weight"] == (False, True)              # (vocab, width)
+    assert inf["value_embeds.0.weight"] == (False, True)
+    assert inf["lm_head.weight"] == (False, True)
+    assert inf["blocks.0.attn.qkv_w"] == (False, True, True)  # (3, heads*head_dim, width)
+    assert inf["blocks.0.attn.c_proj.weight"] == (True, True)
+    assert inf["blocks.0.mlp.c_fc.weight"] == (True, True)
+    assert inf["skip_weights"] == (False,)
+    assert inf["block_lambdas"] == (False, False)
+    assert shapes["blocks.0.mlp.c_fc.weight"].dims[0].base_dim == 4 * 128
+    assert shapes["blocks.0.mlp.c_fc.weight"].width_mult == 4.0
+    assert len(shapes) == len(list(GPT(GPTConfig(depth=12, width=128, head_dim=64, max_seq_len=8)).parameters()))
+
+
+def test_lr_multipliers_follow_the_table():
+    cfg = GPTConfig(depth=4, width=256, head_dim=32, max_seq_len=64, mup=True, base_width=64)
+    shapes = mup.infer_infshapes(cfg, base_width=64)
+    kinds = GPT(cfg).param_kinds()
+    for name, kind in kinds.items():
+        assert mup.lr_multiplier(kind, shapes[name]) == 1.0  # Muon hidden and vector-like Adam: constant
+    # an Adam-trained hidden matrix would get 1/m (TP5 Table 3)
+    adam_hidden = mup.InfShape((mup.InfDim(64, 256), mup.InfDim(64, 256)))
+    mup.MUP_RULES["_adam_hidden_probe"] = mup.MupRule("adam", 2, "", "")
+    try:
+        assert mup.lr_multiplier("_adam_hidden_probe", adam_hidden) == pytest.approx(0.25)
+    finally:
+        del mup.MUP_RULES["_adam_hidden_probe"]
+    with pytest.raises(ValueError, match="MUP_RULES"):
+        mup.lr_multiplier("embed", adam_hidden)  # a kind whose shape does not match its row fails loudly
+
+
+def test_readout_rules():
+    # SP: the record's 7.5*sqrt(d); muP: 7.5*sqrt(d0) with multiplier 1/m, equal at d == d0
+    assert mup.softcap_divisor(768, None, False) == 7.5 * math.sqrt(768)
+    assert mup.softcap_divisor(1024, 256, True) == 7.5 * math.sqrt(256)
+    assert mup.output_multiplier(1024, 256, True) == 0.25
+    assert mup.fp8_scales(768, None, False) == (math.sqrt(768) / 448, 24 / 448, 1 / 448)  # the record's scales
+    assert mup.fp8_scales(1536, 768, True)[2] == pytest.approx(1 / 448 / 2)  # grad scale follows 1/m
+    assert mup.fp8_scales(768, 768, True) == mup.fp8_scales(768, None, False)
+
+
+def _train_losses(cfg, steps=6):
+    from core.data import BatchLoader, resolve_data
+    model = build_model(cfg, torch.device("cpu"))
+    adam, muon, _ = build_optimizer_pair(model, cfg)
+    loader = BatchLoader(resolve_data(None).train_files, cfg.seq_len, 1)
+    losses = []
+    for step in range(steps):
+        losses.append(forward_backward(model, loader.next_step(), 2, 1).item())
+        set_schedules(cfg, [adam, muon], muon, step)
+        adam.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+    return losses, model
+
+
+def test_mup_at_base_width_equals_standard_bitwise():
+    sp_losses, sp_model = _train_losses(train_cfg())
+    mup_losses, mup_model = _train_losses(train_cfg(mup=True, base_width=64))
+    assert sp_losses == mup_losses  # bitwise, fp32 CPU
+    for (n, a), (_, b) in zip(sp_model.named_parameters(), mup_model.named_parameters()):
+        assert torch.equal(a, b), n
+    # and it is not trivially equal: muP at another base width trains differently
+    other, _ = _train_losses(train_cfg(mup=True, base_width=32))
+    assert other != sp_losses
+
+
+@pytest.mark.parametrize("width", [64, 256])
+def test_initial_statistics_follow_the_rules(width):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(depth=4, width=width, head_dim=32, max_seq_len=64, mup=True, base_width=64))
+    fc = model.blocks[0].mlp.c_fc.weight
+    assert fc.std().item() == pytest.approx(0.5 / math.sqrt(width), rel=0.05)   # 1/sqrt(fan_in)
+    qkv = model.blocks[0].attn.qkv_w
+    assert qkv.std().item() == pytest.approx(0.5 / math.sqrt(width), rel=0.05)
+    assert model.embed.weight.std().item() == pytest.approx(1.0, rel=0.05)     # width-independent
+    assert torch.all(model.lm_head.weight == 0) and torch.all(model.blocks[0].mlp.c_proj.weight == 0)
+    assert model.lm_head.output_mult == 64 / width
+
+
+def test_coordinate_check_passes_under_mup_and_fails_under_sp():
+    widths, steps, seeds = [32, 64, 128, 256], 5, [0]
+    kw = dict(seq_len=128, depth=2, head_dim=16, log=lambda *_: None)
+    mup_v = verdict(slopes(measure(widths, steps, seeds, use_mup=True, **kw), steps))
+    sp_v = verdict(slopes(measure(widths, steps, seeds, use_mup=False, **kw), steps))
+    assert all(ok for ok, _ in mup_v.values()), mup_v
+    assert not sp_v["logits"][0], sp_v          # SP logits grow with width
+    assert sp_v["logits"][1] > 0.3, sp_v
