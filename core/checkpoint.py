@@ -290,12 +290,25 @@ def check_compatible(saved: dict, cfg: TrainConfig, path: str | Path) -> list[st
         old, new = saved_cfg.get(name), getattr(cfg, name)
         if old != new:
             flag = "--" + name.replace("_", "-")
+            fix = (f"add {flag}" if old else f"drop {flag}") if isinstance(old, bool) else f"use {flag} {old}"
             raise CheckpointError(f"checkpoint {path} does not fit this run: {name} was {old!r}, now {new!r}. "
-                                  f"Resume with {flag} {old} (the model and batch must stay the same), or start a "
-                                  "new run without --resume.")
+                                  f"To resume it, {fix} (the model and batch must stay the same); or start a new "
+                                  "run without --resume.")
     ignored = {"resume", "run_name", "log_dir"}
     return [f"{f.name}: {saved_cfg.get(f.name)!r} -> {getattr(cfg, f.name)!r}" for f in fields(TrainConfig)
             if f.name not in ignored and f.name in saved_cfg and saved_cfg[f.name] != getattr(cfg, f.name)]
+
+
+def check_data(saved: dict, train_files, path: str | Path) -> None:
+    """Refuse a checkpoint whose data position belongs to other training shards (before the model is built)."""
+    had = list(saved.get("loader", {}).get("files", []))
+    have = [Path(f).name for f in train_files]
+    if had and had != have:
+        def show(names):
+            return ", ".join(names[:3]) + (f", ... ({len(names)} files)" if len(names) > 3 else "")
+        raise CheckpointError(f"checkpoint {path} was trained on the shards [{show(had)}], this run reads "
+                              f"[{show(have)}]; its data position means nothing here. Resume with the same "
+                              "--data-dir, or start a new run.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,6 +161,8 @@ def run(cfg: TrainConfig) -> RunResult:
             torch.distributed.barrier()
         if not info.is_main:
             data = resolve_data(cfg.data_dir)
+        if resumed is not None:
+            ckpt_io.check_data(resumed, data.train_files, resume_path)
         val_tokens = cfg.val_tokens or data.val_tokens
         val_tokens -= val_tokens % (cfg.val_seq_len * info.world_size)
         if val_tokens <= 0:
