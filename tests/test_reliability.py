@@ -8,6 +8,7 @@ same thread count everywhere; two single-thread processes also share the 2-core 
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,42 @@ def test_kill_in_the_middle_of_a_checkpoint_write_keeps_the_previous_one(tmp_pat
     assert all(resumed[s] == first_attempt[s] for s in (1, 2, 3, 4))  # steps 3-4 recomputed identically
     assert [s for s, _ in ck.list_checkpoints(run_dir)] == [2, 4, 6, 8]
     assert not [p for p in ck.checkpoint_dir(run_dir).iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_bitwise_on_two_and_on_one_process(tmp_path):
+    """torchrun, 2 gloo ranks: the checkpoint (optimizer state gathered from both ranks) resumes on 2 ranks
+    bitwise, and on 1 process (same global batch) to the same result up to float rounding."""
+    args = TINY + ["--batch-tokens", "256", "--iterations", "8", "--save-every", "4", "--keep-last", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(nproc, log_dir, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "train.py", *args, "--log-dir", str(log_dir), *extra]
+        if nproc == 1:
+            cmd = [sys.executable, "train.py", *args, "--log-dir", str(log_dir), *extra]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    torchrun(2, tmp_path / "ref")
+    ref_dir = tmp_path / "ref" / "r"
+    for name in ("two", "one"):  # as if killed right after step 4's checkpoint
+        shutil.copytree(ref_dir, tmp_path / name / "r")
+        ck.checkpoint_path(tmp_path / name / "r", 8).unlink()
+    torchrun(2, tmp_path / "two", "--resume", "auto")
+    torchrun(1, tmp_path / "one", "--resume", "auto")
+    ref = ck.load_checkpoint(ck.checkpoint_path(ref_dir, 8))
+    two = ck.load_checkpoint(ck.checkpoint_path(tmp_path / "two" / "r", 8))
+    one = ck.load_checkpoint(ck.checkpoint_path(tmp_path / "one" / "r", 8))
+    assert ref["world_size"] == 2 and two["world_size"] == 2 and one["world_size"] == 1
+    for key in ("model", "loader"):
+        assert tensors_equal(ref[key], two[key]), key
+    for o in ("adam", "muon"):
+        assert tensors_equal(ref["optimizers"][o]["state"], two["optimizers"][o]["state"]), o
+    assert untimed(rows(tmp_path / "two" / "r")) == untimed(rows(ref_dir))
+    for k, v in ref["model"].items():
+        torch.testing.assert_close(one["model"][k], v, rtol=1e-4, atol=1e-5)
+    assert "world size 2 -> 1" in (tmp_path / "one" / "r" / "training.log").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
