@@ -166,7 +166,10 @@ class NonFiniteGuard:
         self._weights = torch.tensor([float(2 ** i) for i in range(len(GROUPS))], device=self.device, dtype=torch.float64)
         z = lambda v=0.0: torch.tensor(v, device=self.device, dtype=torch.float64)  # noqa: E731
         # device counters; float64 holds step numbers and bitmasks exactly
+        # first non-finite step (and its groups) since the last read-back; the run's first is kept on the host
         self._first_bad_step, self._first_bad_mask = z(-1.0), z(0.0)
+        self.first_bad_step: int = -1
+        self.first_bad_groups: list[str] = []
         self._skipped, self._consec, self._max_consec = z(), z(), z()
         self._run_min, self._spikes, self._spike_step, self._spike_ratio, self._spike_loss = (
             z(float("inf")), z(), z(-1.0), z(), z())
@@ -278,21 +281,24 @@ class NonFiniteGuard:
         v = {k: values.pop(k) for k in list(values) if k.startswith("guard/")}
         lines: list[str] = []
         metrics: dict[str, float] = {}
-        skipped = int(v["guard/skipped"])
-        if skipped:
-            self._uncount_adam_steps(skipped)
-            self.skipped_total += skipped
+        bad_steps = int(v["guard/skipped"])  # non-finite steps since the last read-back
+        if bad_steps:
+            first, groups = int(v["guard/first_bad_step"]), decode_groups(int(v["guard/first_bad_mask"]))
+            if self.first_bad_step < 0:
+                self.first_bad_step, self.first_bad_groups = first, groups
+            self._first_bad_step.fill_(-1.0)
+            self._first_bad_mask.zero_()
             self._skipped.zero_()
-        first = int(v["guard/first_bad_step"])
-        groups = decode_groups(int(v["guard/first_bad_mask"]))
-        if first >= 0 and self.policy == "abort":
-            raise NonFiniteError(
-                f"non-finite value at step {first} in {', '.join(groups)} (--nan-policy abort). The weights in "
-                "memory may hold NaN/inf, so they are not saved.", first, groups)
-        if skipped:
-            lines.append(f"non-finite value: skipped {skipped} step(s) up to step {step} (first ever at step "
+            if self.policy == "abort":
+                raise NonFiniteError(
+                    f"non-finite value at step {first} in {', '.join(groups)} (--nan-policy abort). The weights in "
+                    "memory may hold NaN/inf, so they are not saved.", first, groups)
+            self._uncount_adam_steps(bad_steps)
+            self.skipped_total += bad_steps
+            lines.append(f"non-finite value: skipped {bad_steps} step(s) up to step {step} (the first at step "
                          f"{first} in {', '.join(groups)}); {self.skipped_total} skipped in total")
         if self.policy == "skip":
+            first, groups = self.first_bad_step, self.first_bad_groups
             max_consec = int(v["guard/max_consec"])
             self._max_consec.copy_(self._consec)
             metrics["Guard/skipped_steps"] = float(self.skipped_total)
@@ -329,15 +335,14 @@ class NonFiniteGuard:
         v = self.read()
         return {"run_min": v["guard/run_min"], "consec": float(self._consec.item()),
                 "skipped_total": self.skipped_total, "spikes_total": self.spikes_total,
-                "first_bad_step": v["guard/first_bad_step"], "first_bad_mask": v["guard/first_bad_mask"]}
+                "first_bad_step": self.first_bad_step, "first_bad_groups": list(self.first_bad_groups)}
 
     def load_state_dict(self, state: dict) -> None:
         self._run_min.fill_(state["run_min"])
         self._consec.fill_(state["consec"])
         self._max_consec.fill_(state["consec"])
         self.skipped_total, self.spikes_total = int(state["skipped_total"]), int(state["spikes_total"])
-        self._first_bad_step.fill_(state["first_bad_step"])
-        self._first_bad_mask.fill_(state["first_bad_mask"])
+        self.first_bad_step, self.first_bad_groups = int(state["first_bad_step"]), list(state["first_bad_groups"])
 
 
 def injection_from_env() -> tuple[set[int], str]:

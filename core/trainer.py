@@ -428,7 +428,10 @@ def run(cfg: TrainConfig) -> RunResult:
     except NonFiniteError as e:
         kept = None
         if cfg.nan_policy == "skip":  # the gate kept the weights finite: save them, the literal last good state
-            kept = save(done, training_time_ms + 1000 * (time.perf_counter() - t0), check_guard=False)
+            try:
+                kept = save(done, training_time_ms + 1000 * (time.perf_counter() - t0), check_guard=False)
+            except NonFiniteError as again:  # a NaN that was not in a gradient (e.g. an overflowing update)
+                log(f"not saving on the way out: {again}")
         on_disk = ckpt_io.list_checkpoints(run_dir)
         last = kept or (on_disk[-1][1] if on_disk else None)
         e.args = (f"{e} Last good checkpoint: {last}" + (" (resume with --resume auto, e.g. with a lower LR)" if last

@@ -354,8 +354,9 @@ def test_skip_gate_restores_everything_without_host_syncs(monkeypatch):
     toy_step(model, adam, muon, guard, 3, poison="hidden")
     assert all(torch.equal(p, snap[0][n]) for n, p in model.named_parameters())
     assert all(torch.equal(st["exp_avg"], old["exp_avg"]) for st, old in zip(adam.state.values(), snap[1]))
-    v = guard.read()
-    assert decode_groups(int(v["guard/first_bad_mask"])) == ["lm_head"] and v["guard/first_bad_step"] == 1
+    v = guard.read()  # the device window holds step 3 (since the last read-back), the host the run's first
+    assert decode_groups(int(v["guard/first_bad_mask"])) == ["hidden"] and v["guard/first_bad_step"] == 3
+    assert (guard.first_bad_step, guard.first_bad_groups) == (1, ["lm_head"])
 
 
 def test_skip_policy_stops_after_k_consecutive_and_abort_at_the_first():
@@ -400,8 +401,21 @@ def test_guard_state_round_trips():
     _, _, _, guard = toy_setup("skip", spike_factor=10.0)
     guard.check(1, torch.tensor(3.0))
     guard.check(2, torch.tensor(float("inf")))
+    guard.report(guard.read(), 2)  # the host learns the run's first non-finite step at a read-back
     state = guard.state_dict()
     _, _, _, fresh = toy_setup("skip", spike_factor=10.0)
     fresh.load_state_dict(state)
-    assert fresh.read()["guard/run_min"] == 3.0 and fresh.read()["guard/first_bad_step"] == 2.0
+    assert fresh.read()["guard/run_min"] == 3.0 and (fresh.first_bad_step, fresh.first_bad_groups) == (2, ["loss"])
     assert fresh.state_dict() == state
+
+
+def test_an_old_skipped_step_does_not_abort_a_resumed_run():
+    """A checkpoint written after a skipped step, resumed with --nan-policy abort, trains on."""
+    model, adam, muon, guard = toy_setup("skip")
+    toy_step(model, adam, muon, guard, 1, poison="embed")
+    guard.report(guard.read(), 1)
+    model2, adam2, muon2, resumed = toy_setup("abort")
+    resumed.load_state_dict(guard.state_dict())
+    toy_step(model2, adam2, muon2, resumed, 2)
+    assert resumed.report(resumed.read(), 2).lines == []
+    assert (resumed.first_bad_step, resumed.skipped_total) == (1, 1)
