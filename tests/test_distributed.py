@@ -326,8 +326,9 @@ def test_hung_rank_ends_the_job_after_the_process_group_timeout(tmp_path):
     proc, seconds = launch(tmp_path, FAIL_FLAGS, 2, mode="hang", timeout=120, DIST_TIMEOUT_S=str(timeout_s))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-4000:]
-    # the timeout, torchrun's SIGTERM -> SIGKILL grace (30 s), and start-up plus 3 steps on a loaded 2-core machine
-    assert seconds < timeout_s + 30 + 30, f"the job took {seconds:.0f} s to end after rank 1 hung"
+    # the timeout, torchrun's fixed SIGTERM -> SIGKILL grace (30 s), and start-up plus 3 steps on a busy 2-core
+    # machine (measured 45-61 s in all); a real hang would run into the 120 s subprocess limit instead
+    assert seconds < timeout_s + 30 + 45, f"the job took {seconds:.0f} s to end after rank 1 hung"
     assert "rank 1: injected hang" in out
     assert "timed out" in out.lower() or "timeout" in out.lower(), out[-4000:]
 
