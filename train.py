@@ -52,4 +52,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # record(): under torchrun, a failing rank's traceback lands in the job's "Root Cause" summary
+    from torch.distributed.elastic.multiprocessing.errors import record
+    sys.exit(record(main)())

@@ -73,7 +73,10 @@ class CoordRecorder:
     def finish_step(self, step: int) -> dict[str, float]:
         """Average over layers and micro-batches; one read-back for all types."""
         kinds = [k for k in LAYER_TYPES if self._sums.get(k)]
-        values = torch.stack([torch.stack(self._sums[k]).mean() for k in kinds]).tolist()
+        stacked = torch.stack([torch.stack(self._sums[k]).mean() for k in kinds])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.AVG)  # every rank's share
+        values = stacked.tolist()
         row = dict(zip(kinds, values))
         self.rows.append({"step": step, **row})
         return {f"CoordCheck/{k}": v for k, v in row.items()}
