@@ -183,7 +183,8 @@ def load_checkpoint(path: str | Path) -> dict:
     """Read and verify a checkpoint file; raises CheckpointError saying what is wrong and what to do."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file. Pass a step_*.pt file, a run folder, or --resume auto.")
+        raise CheckpointError(f"checkpoint {path}: no such file. Pass a step_*.pt file, a run folder, "
+                              "or --resume auto.")
     hint = "Resume from an older checkpoint in the same folder (pass its path), or delete this file."
     try:
         with zipfile.ZipFile(path) as z:

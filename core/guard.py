@@ -163,7 +163,8 @@ class NonFiniteGuard:
         named = dict(model.named_parameters())
         self._params = list(named.values())
         self._group_of = [GROUPS.index(param_kinds[n]) for n in named]
-        self._weights = torch.tensor([float(2 ** i) for i in range(len(GROUPS))], device=self.device, dtype=torch.float64)
+        self._weights = torch.tensor([float(2 ** i) for i in range(len(GROUPS))], device=self.device,
+                                     dtype=torch.float64)  # bit i of the mask: group i had a non-finite value
         z = lambda v=0.0: torch.tensor(v, device=self.device, dtype=torch.float64)  # noqa: E731
         # device counters; float64 holds step numbers and bitmasks exactly
         # first non-finite step (and its groups) since the last read-back; the run's first is kept on the host

@@ -3,10 +3,8 @@ the compatibility check, RNG capture, and the gathered optimizer state (one proc
 
 The whole-run behaviour (kill, resume, signals, NaN) is in tests/test_reliability.py.
 """
-import os
 import random
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -347,7 +347,8 @@ def test_skip_gate_restores_everything_without_host_syncs(monkeypatch):
     monkeypatch.undo()
     toy_step(model, adam, muon, guard, 2)
     snap = ({n: p.detach().clone() for n, p in model.named_parameters()},
-            [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()} for st in adam.state.values()])
+            [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+             for st in adam.state.values()])
     values = guard.read()
     report = guard.report(values, 2)  # corrects DistAdam's step counter for the skipped step
     assert report.metrics["Guard/skipped_steps"] == 1.0 and all(st["step"] == 1 for st in adam.state.values())
