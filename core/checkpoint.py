@@ -295,6 +295,10 @@ def check_compatible(saved: dict, cfg: TrainConfig, path: str | Path) -> list[st
             raise CheckpointError(f"checkpoint {path} does not fit this run: {name} was {old!r}, now {new!r}. "
                                   f"To resume it, {fix} (the model and batch must stay the same); or start a new "
                                   "run without --resume.")
+    step = saved.get("step", 0)
+    if cfg.iterations is not None and step > cfg.iterations:
+        raise CheckpointError(f"checkpoint {path} is at step {step}, beyond --iterations {cfg.iterations}: "
+                              f"resume with --iterations {saved_cfg.get('iterations', step)} (or more).")
     ignored = {"resume", "run_name", "log_dir"}
     return [f"{f.name}: {saved_cfg.get(f.name)!r} -> {getattr(cfg, f.name)!r}" for f in fields(TrainConfig)
             if f.name not in ignored and f.name in saved_cfg and saved_cfg[f.name] != getattr(cfg, f.name)]

@@ -150,7 +150,7 @@ def _all_corrupt(tmp):
 
 def _other_data(tmp):
     folder = data_dir(tmp)
-    return ["--data-dir", str(folder), "--resume", str(fake_checkpoint(tmp / "logs" / "r"))], {}
+    return ["--data-dir", str(folder), "--iterations", "8", "--resume", str(fake_checkpoint(tmp / "logs" / "r"))], {}
 
 
 CASES = [
@@ -198,6 +198,7 @@ CASES = [
     Case("checkpoint of another width", "width was 64, now 32", _incompatible(width=64)),
     Case("checkpoint with muP, run without", "mup was True, now False", _incompatible(mup=True, base_width=16)),
     Case("checkpoint of another batch size", "batch_tokens was 256, now 128", _incompatible(batch_tokens=256)),
+    Case("checkpoint beyond `--iterations`", "is at step 4, beyond --iterations 2", _incompatible()),
     Case("checkpoint trained on other shards", "was trained on the shards [embedded_train_000001.bin]",
          _other_data),
     Case("`--resume auto` when every checkpoint is corrupt", "can be loaded", _all_corrupt),
