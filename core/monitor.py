@@ -20,8 +20,8 @@ Schedule: interval metrics are measured on `step % spectral_every == 0` (spectra
 ratios) and `step % activation_every == 0` (activations, only when `activations=True`); such steps
 are log steps too, so every measured value is logged at the step it belongs to and the cheap
 group has no gaps. Call `after_backward` once the gradients are final (after accumulation; in the
-record, Muon/DistAdam average gradients across ranks inside `step()`, so the grad norm here is the
-local one and the trainer reduces it across ranks with the other metrics).
+record, Muon/DistAdam average gradients across ranks inside `step()`, so the grad norm here is this
+rank's; with several ranks the trainer passes the averaged gradient's norm to `collect` as an extra).
 
 torch.compile: a compiled graph does not see forward hooks added after it was compiled (dynamo skips
 hook guards by default, `torch._dynamo.config.skip_nnmodule_hook_guards`), so hooks attached only on
