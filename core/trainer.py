@@ -331,8 +331,11 @@ def run(cfg: TrainConfig) -> RunResult:
             window = window_at(step)
             done = step + 1
             recording = coord is not None and coord.wants(step, cfg.coord_check_every, cfg.coord_check_steps)
+            # forward hooks added after torch.compile traced the model never fire (core/monitor.py): steps that
+            # measure activations or record the coordinate check run the eager module
+            step_model = model if recording else monitor.module_for(done, train_model)
             with monitor.activation_hooks(done), (coord.recording() if recording else _null()):
-                loss_sum = forward_backward(train_model, batches, window, grad_accum)
+                loss_sum = forward_backward(step_model, batches, window, grad_accum)
             if recording:
                 logger.log_metrics(coord.finish_step(step), step=step)
             monitor.after_backward(done)
