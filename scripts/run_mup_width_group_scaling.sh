@@ -16,6 +16,10 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 BASE=$1; TARGETS=$2; STEPS=${3:-}; SEED=${4:-1337}
+if [ -z "${TARGETS// /}" ]; then
+  echo "error: the list of target widths is empty: give at least one, e.g. \"512 768\"" >&2
+  exit 2
+fi
 LR_MULTS=${LR_MULTS:-"0.25 0.5 1 2 4"}
 SWEEP_LR=${SWEEP_LR:-"adam muon"}
 PARAMS=${PARAMS:-"mup sp"}
