@@ -155,8 +155,7 @@ def test_mfu_absent_on_cpu_and_the_log_says_why(wandb_run):
     console = (wandb_run["run_dir"] / "console.log").read_text()
     line = next((ln for ln in console.splitlines() if ln.startswith("MFU:")), None)
     assert line is not None and "unavailable" in line and "--peak-tflops" in line, line
-    assert "W&B: no API key" not in console or "offline" in console
-    assert "W&B: run" in console and "(offline)" in console
+    assert any(ln.startswith("W&B: run") and "(offline)" in ln for ln in console.splitlines()), console[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,3 +362,32 @@ def test_real_compile_logs_activations_and_coordinate_check(tmp_path):
     assert act[2] > 0 and act[1] == act[3] == 0, act
     coord = [json.loads(ln) for ln in (tmp_path / "c" / "coord_check.jsonl").read_text().splitlines()]
     assert [r["step"] for r in coord] == [0, 1] and all(r["logits"] >= 0 and r["embed"] > 0 for r in coord)
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_runs_and_describes_its_own_run(tmp_path, monkeypatch, capsys):
+    """bench/monitor_overhead.py on a tiny config: every mode and group measured, and --describe reads the run."""
+    from bench import monitor_overhead as bench
+    for var in ("WANDB_MODE", "WANDB_SILENT"):
+        monkeypatch.setenv(var, "offline" if var == "WANDB_MODE" else "true")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--width", "32", "--depth", "2", "--head-dim", "16", "--seq-len", "128",
+                           "--batch-tokens", "128", "--rounds", "1", "--block", "10", "--warmup", "1",
+                           "--threads", "1", "--json", str(tmp_path / "o.json"), "--keep-logs", str(tmp_path / "k")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = json.loads((tmp_path / "o.json").read_text())["summary"]
+    assert {m: r["steps"] for m, r in out["modes"].items()} == {"off": 10, "default": 10, "research": 10}
+    assert out["modes"]["research"]["spectral_steps"] == out["modes"]["research"]["activation_steps"] == 1
+    assert out["modes"]["default"]["spectral_steps"] == 0  # its interval is 100
+    for key in ("grad_norm", "param_norm", "readback", "wandb", "spectral", "activations"):
+        assert out["groups"][key]["median_ms"] > 0, key
+    assert out["spectral_cold_ms"] > 0 and len(out["projections"]) == 5
+    assert out["modes"]["research"]["attributed_pct"] > out["modes"]["default"]["attributed_pct"] > 0
+    capsys.readouterr()
+    assert bench.main(["--describe", str(tmp_path / "k" / "run")]) == 0
+    text = capsys.readouterr().out
+    assert "| attn.qkv_w.q |" in text and "| mlp.c_fc.weight |" in text and "spectral steps" in text
