@@ -243,7 +243,7 @@ def _probe_wandb_host(timeout_s: float) -> str | None:
         try:
             socket.create_connection((host, port), timeout=timeout_s).close()
             result.append(None)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 -- any failure means "not reachable"; never kill the thread
             result.append(f"{type(e).__name__}: {e}")
 
     t = threading.Thread(target=connect, name="wandb-probe", daemon=True)

@@ -1,9 +1,18 @@
-"""Shared test setup: make the repo root importable and skip `gpu` tests cleanly without CUDA."""
+"""Shared test setup: repo root importable, one CPU thread, and `gpu` tests skipped cleanly without CUDA.
+
+One thread: the tests' tensors are tiny, several tests run subprocesses (torchrun ranks), and on a
+2-core machine OpenMP threads spinning against each other made tiny steps up to 100x slower. The
+env var is inherited by those subprocesses; fixed thread counts also keep fp32 sums reproducible.
+"""
 import os
 import sys
 
-import pytest
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
