@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     rows = [bench(cfg, device, False, a.steps, a.warmup)]
     if not a.no_compile:
         rows.append(bench(cfg, device, True, a.steps, a.warmup))
+    import os
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} (other processes share the cores: compare rows, not machines)")
     print(f"machine: {machine_name(device)} | torch {torch.__version__} | config: depth {cfg.depth} width {cfg.width} "
           f"seq_len {cfg.seq_len} batch {cfg.batch_tokens} tokens | median of {a.steps} steps after {a.warmup} warm-up")
     print(f"| mode | step (ms) | tokens/s | data loading | forward+backward | optimizer step | warm-up (s) |")
