@@ -505,8 +505,8 @@ def describe(run_dir: Path) -> None:
     kinds = sorted({_kind(k.removeprefix("Model/update_ratio/")) for k in spec[-1] if k.startswith("Model/update_ratio/")})
     print("per matrix kind (mean over blocks): update ratio ||dW||_F/||W||_F | spectral norm, at steps "
           + ", ".join(str(r["step"]) for r in picks))
-    print("| matrix | " + " | ".join(f"step {r['step']}" for r in picks) + " |")
-    print("|---|" + "---|" * len(picks))
+    print("| matrix | " + " | ".join(f"ratio @{r['step']} | spectral @{r['step']}" for r in picks) + " |")
+    print("|---|" + "---|---|" * len(picks))
     for kind in kinds:
         cells = []
         for r in picks:
