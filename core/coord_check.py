@@ -73,6 +73,10 @@ class CoordRecorder:
     def finish_step(self, step: int) -> dict[str, float]:
         """Average over layers and micro-batches; one read-back for all types."""
         kinds = [k for k in LAYER_TYPES if self._sums.get(k)]
+        if not kinds:
+            raise RuntimeError("the coordinate check recorded nothing this step: the forward ran outside "
+                               "`recording()` or on a compiled module whose graph ignores the hooks; run the "
+                               "recorded steps on the eager model")
         stacked = torch.stack([torch.stack(self._sums[k]).mean() for k in kinds])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.AVG)  # every rank's share
