@@ -58,6 +58,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import cpu_model  # noqa: E402
+
 import torch  # noqa: E402
 
 from core.config import TrainConfig, grad_accum_steps, resolve_defaults, validate  # noqa: E402
@@ -105,14 +107,7 @@ CHEAP = ("grad_norm", "param_norm", "readback", "step_line", "metrics_row", "wan
 
 
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":

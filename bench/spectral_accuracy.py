@@ -38,6 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import cpu_model  # noqa: E402
+
 from core.spectral import SpectralNormTracker, matrix_slices, spectral_norms  # noqa: E402
 
 DEFAULT_INTERVAL = 100  # MONITOR_SPECTRAL_EVERY default (core/config.py)
@@ -49,14 +51,7 @@ RECORD_WIDTH = 768
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (f"{cpu} | {os.cpu_count()} cores, torch threads {torch.get_num_threads()} | torch {torch.__version__} | "
             f"python {platform.python_version()} | load average {load}")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import cpu_model  # noqa: E402
+
 import torch  # noqa: E402
 
 from core.config import TrainConfig, grad_accum_steps, resolve_defaults  # noqa: E402
@@ -30,13 +32,7 @@ from core.trainer import build_model, build_optimizer_pair, forward_backward, se
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x {torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return f"{cpu_model()} x {torch.get_num_threads()} threads"
 
 
 def sync(device):
