@@ -421,8 +421,8 @@ def set_muon_momentum(muon: Muon, step: int, warmup_steps: int = 300, start: flo
 
     Sets `group["momentum"]` on every group and returns the value (for the `Optimization/momentum` metric).
     """
-    frac = 1.0 if warmup_steps <= 0 else min(max(step, 0) / warmup_steps, 1.0)
-    momentum = (1 - frac) * start + frac * end
+    from core.schedule import muon_momentum  # the one formula of the warm-up
+    momentum = muon_momentum(max(step, 0), warmup_steps, start, end)
     for group in muon.param_groups:
         group["momentum"] = momentum
     return momentum

@@ -22,8 +22,8 @@ from core import mup
 from core.config import ConfigError, TrainConfig, grad_accum_steps, resolve_defaults, validate
 from core.distributed import DistInfo, all_reduce_mean, broadcast_object, global_grad_norm, setup_distributed, teardown
 from core.model import GPT, GPTConfig
-from core.optimizers import build_optimizers
-from core.schedule import lr_factor, muon_momentum, window_blocks
+from core.optimizers import build_optimizers, set_muon_momentum
+from core.schedule import lr_factor, window_blocks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,9 +61,7 @@ def set_schedules(cfg: TrainConfig, optimizers, muon, step: int) -> float:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * factor
-    momentum = muon_momentum(step, cfg.muon_momentum_warmup)
-    for group in muon.param_groups:
-        group["momentum"] = momentum
+    set_muon_momentum(muon, step, cfg.muon_momentum_warmup)
     return factor
 
 
