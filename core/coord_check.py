@@ -107,10 +107,28 @@ def _config(width: int, base_width: int, use_mup: bool, seed: int, seq_len: int,
     return resolve_defaults(cfg, "cpu", env={})
 
 
+class _RepeatFirstBatch:
+    """Wraps a loader so that every step returns its first batch (microsoft/mup's `fix_data=True`)."""
+
+    def __init__(self, loader):
+        self._batch = loader.next_step()
+
+    def next_step(self):
+        return self._batch
+
+
 def measure(widths: list[int], steps: int, seeds: list[int], *, use_mup: bool, seq_len: int = 256,
-            depth: int = 4, head_dim: int = 32, data_files=None, log=print) -> dict:
-    """{width: {seed: [ {type: size} per step ]}} for training `steps` steps at each width."""
+            depth: int = 4, head_dim: int = 32, fixed_batch: bool = False, orthogonalizer: str = "ns5",
+            device: str = "cpu", data_files=None, log=print) -> dict:
+    """{width: {seed: [ {type: size} per step ]}} for training `steps` steps at each width.
+
+    Every width and seed sees the same batches: fresh ones each step as in training (default), or the
+    first batch repeated (`fixed_batch`, the default of microsoft/mup's `_get_coord_data`).
+    `orthogonalizer` "svd" swaps Muon's NS5 for the exact polar factor, to tell muP's effects from
+    NS5's approximation. The model runs eagerly (forward hooks do not fire in a compiled graph).
+    """
     from core.data import BatchLoader, resolve_data
+    from core.optimizers import ORTHOGONALIZERS
     from core.trainer import build_model, build_optimizer_pair, forward_backward, set_schedules
     if data_files is None:
         data_files = resolve_data(None).train_files
@@ -120,9 +138,12 @@ def measure(widths: list[int], steps: int, seeds: list[int], *, use_mup: bool, s
         out[width] = {}
         for seed in seeds:
             cfg = _config(width, base, use_mup, seed, seq_len, depth, head_dim)
-            model = build_model(cfg, torch.device("cpu"))
+            model = build_model(cfg, torch.device(device))
             adam, muon, _ = build_optimizer_pair(model, cfg)
-            loader = BatchLoader(data_files, seq_len, 1, device="cpu")
+            muon.orthogonalize = ORTHOGONALIZERS[orthogonalizer]
+            loader = BatchLoader(data_files, seq_len, 1, device=device)
+            if fixed_batch:
+                loader = _RepeatFirstBatch(loader)
             rec = CoordRecorder(model)
             for step in range(steps):
                 with rec.recording():
@@ -213,19 +234,21 @@ def plot(results: dict[str, dict], steps: int, path: Path) -> Path:
     return path
 
 
-def run_check(widths: list[int], steps: int, seeds: list[int], out_dir: Path, *, seq_len: int = 256,
-              depth: int = 4, head_dim: int = 32, log=print) -> dict:
-    """Both parametrisations; writes coord_check.png and coord_check.json; returns the verdicts."""
+def run_check(widths: list[int], steps: int, seeds: list[int], out_dir: Path, *, log=print, **setup) -> dict:
+    """Both parametrisations; writes coord_check.png and coord_check.json; returns the verdicts.
+
+    `setup` holds measure()'s keyword arguments (seq_len, depth, head_dim, fixed_batch, orthogonalizer,
+    device); they are saved in the JSON so that every figure says how it was made.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     results, report = {}, {}
     for name, use_mup in (("muP", True), ("SP", False)):
-        results[name] = measure(widths, steps, seeds, use_mup=use_mup, seq_len=seq_len, depth=depth,
-                                head_dim=head_dim, log=log)
+        results[name] = measure(widths, steps, seeds, use_mup=use_mup, log=log, **setup)
         table = slopes(results[name], steps)
         report[name] = {"slopes": table, "verdict": verdict(table)}
     plot(results, steps, out_dir / "coord_check.png")
     with open(out_dir / "coord_check.json", "w") as f:
-        json.dump({"widths": widths, "steps": steps, "seeds": seeds,
+        json.dump({"widths": widths, "steps": steps, "seeds": seeds, "setup": setup,
                    "sizes": {n: {str(w): v for w, v in r.items()} for n, r in results.items()},
                    "report": report}, f, indent=1)
     return report
@@ -252,9 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3, help="number of seeds to average the slopes over")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=4096,
+                   help="tokens per step (one packed sequence); the first updates are only width-free with "
+                        "enough tokens, see README 'Coordinate check'")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--fixed-batch", action="store_true",
+                   help="train every step on the first batch (microsoft/mup's fix_data) instead of fresh batches")
+    p.add_argument("--orthogonalizer", choices=["ns5", "svd"], default="ns5",
+                   help="Muon's orthogonalisation: the record's NS5, or the exact polar factor (diagnostic)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (default when available) or cpu")
     p.add_argument("--out-dir", default="logs/coord_check")
     a = p.parse_args(argv)
     if len(a.widths) < 2:
@@ -264,8 +295,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"width {w} must be a positive multiple of --head-dim {a.head_dim}")
     if a.steps < 2 or a.seeds < 1:
         p.error("--steps must be >= 2 and --seeds >= 1")
+    if a.seq_len <= 0 or a.seq_len % 128:
+        p.error(f"--seq-len {a.seq_len} must be a positive multiple of 128 (the attention block size)")
+    if a.device not in ("cpu", "cuda") or (a.device == "cuda" and not torch.cuda.is_available()):
+        p.error(f"--device {a.device!r}: use cpu" + ("" if torch.cuda.is_available() else " (no CUDA device here)"))
     report = run_check(sorted(a.widths), a.steps, list(range(a.seeds)), Path(a.out_dir), seq_len=a.seq_len,
-                       depth=a.depth, head_dim=a.head_dim)
+                       depth=a.depth, head_dim=a.head_dim, fixed_batch=a.fixed_batch,
+                       orthogonalizer=a.orthogonalizer, device=a.device)
     print(format_report(report))
     print(f"plots: {Path(a.out_dir) / 'coord_check.png'}  data: {Path(a.out_dir) / 'coord_check.json'}")
     return 0 if all(v[0] for v in report["muP"]["verdict"].values()) else 1

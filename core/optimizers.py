@@ -2,6 +2,7 @@
 
 Owns:
 - `zeropower_via_newtonschulz5(G, steps=5)`: the quintic Newton-Schulz orthogonalisation (bf16).
+- `polar_factor_svd(G)`: the exact orthogonal polar factor, a diagnostic reference for NS5.
 - `Muon`: Nesterov momentum + NS5 per hidden matrix; with several processes each rank orthogonalises
   its share of the matrices and all-gathers the results.
 - `DistAdam`: Adam whose state is sharded along dim 0 across ranks.
@@ -76,6 +77,22 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
     return _newtonschulz5(G, steps)
 
 
+def polar_factor_svd(G: Tensor, rel_tol: float = 1e-6) -> Tensor:
+    """The exact polar factor U V^T of G (fp32 SVD), with singular values <= rel_tol * max treated as zero.
+
+    A diagnostic reference, not a training default: an SVD costs far more than NS5 on a GPU. It
+    answers "is this effect muP's or NS5's approximation?" (the coordinate check's
+    `--orthogonalizer svd`). Dropping the (numerically) zero singular values keeps NS5's behaviour
+    on a zero gradient (update zero) instead of returning an arbitrary orthogonal matrix.
+    """
+    U, S, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    keep = (S > rel_tol * S.amax(dim=-1, keepdim=True)).to(S.dtype)
+    return (U * keep.unsqueeze(-2)) @ Vh
+
+
+ORTHOGONALIZERS = {"ns5": zeropower_via_newtonschulz5, "svd": polar_factor_svd}
+
+
 # -----------------------------------------------------------------------------
 # Distributed helpers (only ever called with world_size > 1)
 
@@ -128,6 +145,7 @@ class Muon(torch.optim.Optimizer):
       `.grad` is None contributes zeros to the average (all ranks must run the same collectives);
       with one process such a parameter is skipped, as torch optimizers do.
     - Weight decay is decoupled: `p *= 1 - lr * weight_decay * p.wd_mul` before the update.
+    - `self.orthogonalize` (default NS5) may be swapped for `polar_factor_svd` in diagnostics.
     """
 
     def __init__(self, params: Iterable[Tensor], lr: float = 0.05, momentum: float = 0.95,
@@ -146,6 +164,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.rank = rank
         self.world_size = world_size
+        self.orthogonalize = zeropower_via_newtonschulz5
         self._owner = {p: i % world_size for g in self.param_groups for i, p in enumerate(g["params"])}
 
     def owner_rank(self, p: Tensor) -> int:
@@ -160,7 +179,7 @@ class Muon(torch.optim.Optimizer):
         buf = state["momentum_buffer"]
         buf.lerp_(grad, 1 - momentum)
         g = grad.lerp(buf, momentum)  # Nesterov: look ahead along the updated momentum
-        v = zeropower_via_newtonschulz5(g, 5)
+        v = self.orthogonalize(g)
         eff_lr = lr * math.sqrt(max(1.0, p.size(-2) / p.size(-1))) * getattr(p, "lr_mul", 1.0)
         if wd != 0:
             p.mul_(1 - lr * wd * getattr(p, "wd_mul", 1.0))

@@ -6,6 +6,7 @@ import torch
 
 from core import mup
 from core.config import TrainConfig, resolve_defaults
+from core import coord_check
 from core.coord_check import LAYER_TYPES, measure, slopes, verdict
 from core.model import GPT, GPTConfig
 from core.trainer import build_model, build_optimizer_pair, forward_backward, set_schedules
@@ -109,3 +110,43 @@ def test_coordinate_check_passes_under_mup_and_fails_under_sp():
     assert all(ok for ok, _ in mup_v.values()), mup_v
     assert not sp_v["logits"][0], sp_v          # SP logits grow with width
     assert sp_v["logits"][1] > 0.3, sp_v
+
+
+def test_fixed_batch_repeats_the_first_batch_only():
+    kw = dict(seq_len=128, depth=2, head_dim=16, log=lambda *_: None)
+    fresh = measure([32, 64], 3, [0], use_mup=True, **kw)
+    fixed = measure([32, 64], 3, [0], use_mup=True, fixed_batch=True, **kw)
+    for w in (32, 64):
+        assert fresh[w][0][0] == fixed[w][0][0]                  # step 0: the same first batch
+        assert fresh[w][0][2]["embed"] != fixed[w][0][2]["embed"]  # later: other tokens vs the same ones
+    # a repeated batch embeds the same tokens, so only the (trained) embedding changes its size
+    assert abs(fixed[32][0][2]["embed"] / fixed[32][0][0]["embed"] - 1) < 0.2
+
+
+def test_svd_orthogonalizer_changes_the_hidden_updates_only():
+    kw = dict(seq_len=128, depth=2, head_dim=16, log=lambda *_: None)
+    ns5 = measure([32], 3, [0], use_mup=True, **kw)[32][0]
+    svd = measure([32], 3, [0], use_mup=True, orthogonalizer="svd", **kw)[32][0]
+    assert ns5[:2] == svd[:2]  # steps 0-1: the hidden projections are still zero (lm_head starts at zero)
+    assert ns5[2]["attn"] != svd[2]["attn"] and svd[2]["attn"] > 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--widths", "32"], "at least two widths"),
+    (["--widths", "32", "48", "--head-dim", "32"], "multiple of --head-dim"),
+    (["--widths", "32", "64", "--seq-len", "100"], "multiple of 128"),
+    (["--widths", "32", "64", "--orthogonalizer", "qr"], "invalid choice"),
+    (["--widths", "32", "64", "--steps", "1"], "--steps must be >= 2"),
+])
+def test_coord_check_cli_rejects_bad_input_before_training(argv, needle, capsys, monkeypatch):
+    monkeypatch.setattr(coord_check, "run_check", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as exc:
+        coord_check.main(argv)
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_coord_check_cli_rejects_cuda_without_a_gpu(capsys):
+    with pytest.raises(SystemExit) as exc:
+        coord_check.main(["--widths", "32", "64", "--device", "cuda"])
+    assert exc.value.code == 2 and "no CUDA device" in capsys.readouterr().err

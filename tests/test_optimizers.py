@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.optimizers import (DistAdam, Muon, build_optimizers, set_muon_momentum,
+from core.optimizers import (DistAdam, Muon, build_optimizers, polar_factor_svd, set_muon_momentum,
                              zeropower_via_newtonschulz5)
 
 A, B, C = 3.4445, -4.7750, 2.0315  # restated from the reference record, not imported from the code
@@ -99,6 +99,32 @@ def test_muon_update_is_near_orthogonal_and_scaled(shape):
     assert (unit * g.double()).sum() > 0
     # The tall-matrix factor is really applied: RMS singular value ~ 1 only after dividing by sqrt(rows/cols).
     assert 0.8 < s.pow(2).mean().sqrt().item() < 1.15
+
+
+def test_polar_factor_svd_is_exact_and_zero_on_zero():
+    torch.manual_seed(5)
+    g = torch.randn(3, 24, 40)
+    q = polar_factor_svd(g)
+    # semi-orthogonal (rows orthonormal for a wide matrix) and the same polar factor as (G G^T)^(-1/2) G
+    torch.testing.assert_close(q @ q.mT, torch.eye(24).expand(3, 24, 24), atol=1e-5, rtol=0)
+    evals, evecs = torch.linalg.eigh((g @ g.mT).double())
+    inv_sqrt = evecs @ torch.diag_embed(evals.rsqrt()) @ evecs.mT
+    torch.testing.assert_close(q.double(), inv_sqrt @ g.double(), atol=1e-5, rtol=0)
+    assert torch.count_nonzero(polar_factor_svd(torch.zeros(8, 8))) == 0
+    # rank-1 input: one unit singular value, not an arbitrary orthogonal completion
+    u, v = torch.randn(16, 1), torch.randn(1, 12)
+    assert torch.linalg.svdvals(polar_factor_svd(u @ v)).gt(0.5).sum() == 1
+
+
+def test_muon_uses_its_orthogonalize_attribute():
+    torch.manual_seed(6)
+    p = nn.Parameter(torch.zeros(20, 30))
+    opt = Muon([p], lr=0.1, momentum=0.0)
+    opt.orthogonalize = polar_factor_svd
+    g = torch.randn(20, 30)
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), -0.1 * polar_factor_svd(g), atol=1e-6, rtol=0)
 
 
 def test_muon_lr_mul_and_weight_decay():
