@@ -60,6 +60,22 @@ def _output_tensor(output) -> Tensor | None:
     return None
 
 
+def activation_stats(x: Tensor) -> Tensor:
+    """[mean, std, max, min, l2_norm] of all of x's elements, as one fp32 tensor on x's device.
+
+    Row-wise reductions then a reduction over rows: on CPU, a single fp32 `vector_norm` (or
+    `_foreach_norm`) over tens of millions of elements is off by ~0.3% (measured: 7148 vs 7178 on
+    1024 x 50304 N(0,1) logits), and `std_mean` takes ~0.6 s there; per-row norms are accurate and
+    ~10x faster. std comes from the moments (E[x^2] - mean^2), exact enough unless |mean| >> std.
+    """
+    rows = x.float().reshape(-1, x.shape[-1]) if x.ndim > 0 else x.float().reshape(1, 1)
+    l2 = torch.linalg.vector_norm(torch.linalg.vector_norm(rows, dim=-1))
+    mean = rows.mean(dim=-1).mean()
+    std = (l2.square() / rows.numel() - mean.square()).clamp_min(0).sqrt()
+    lo, hi = torch.aminmax(rows)
+    return torch.stack([mean, std, hi, lo, l2])
+
+
 def default_activation_modules(model: nn.Module) -> dict[str, nn.Module]:
     """One entry per transformer block (`block_<i>`) when the model has `.blocks`, else its children."""
     blocks = getattr(model, "blocks", None)
@@ -158,9 +174,7 @@ class TrainingMonitor:
             out = _output_tensor(output)
             if out is None:
                 return
-            x = out.detach().float()
-            std, mean = torch.std_mean(x, correction=0)
-            self._act[name] = torch.stack([mean, std, x.amax(), x.amin(), torch.linalg.vector_norm(x)])
+            self._act[name] = activation_stats(out.detach())
         return hook
 
     # ------------------------------------------------------------------ step callbacks

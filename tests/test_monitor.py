@@ -227,3 +227,15 @@ def test_extra_tensors_share_the_transfer_and_override_monitor_keys(monkeypatch)
     out = mon.collect(1, extra={"Optimization/grad_norm": torch.tensor(7.0), "Loss/train_loss": torch.tensor([2.5])})
     assert counter.n == 1
     assert out["Optimization/grad_norm"] == 7.0 and out["Loss/train_loss"] == 2.5 and "Model/param_norm" in out
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.0])
+def test_activation_stats_match_float64_on_a_logits_sized_tensor(shift):
+    """A plain fp32 vector_norm over millions of CPU elements is off by ~1e-3; the stats must not be."""
+    from core.monitor import activation_stats
+    torch.manual_seed(0)
+    x = torch.randn(1, 512, 20000) + shift
+    got = activation_stats(x).double()
+    xd = x.double()
+    want = torch.stack([xd.mean(), xd.std(correction=0), xd.max(), xd.min(), xd.norm()])
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
