@@ -9,6 +9,14 @@ Two entry points:
   - `python -m core.mup coord-check --widths 64 128 256 512 --steps 10 --seeds 3`: trains each width
     a few steps on the same data, muP and standard, writes PNG plots and prints a verdict per layer type.
 
+Tokens per step matter. The hidden output projections start at zero and the readout too, so the first
+nonzero attention/MLP outputs (step 2) come from ONE orthogonalised update whose row space is spanned
+by one batch. How much of a new token's input that update acts on depends on the batch at these
+small widths, so with few tokens per step the step-2 sizes fall with width under muP and SP alike;
+the effect shrinks with more tokens (README "Coordinate check" has the measurements). Hence the default of
+4096 tokens per step. `--fixed-batch` repeats the first batch instead (microsoft/mup's `fix_data`),
+which removes that effect but measures memorisation of one batch from step ~5 on.
+
 Verdict (microsoft/mup's coord check looks for ~flat curves): the slope of log(size) vs log(width),
 averaged over seeds, must stay within +-SLOPE_TOL for every hidden layer type at steps 1..N-1, and the
 logits must not grow with width. Step 0 is the init: zero-initialised outputs (attention/MLP
