@@ -107,7 +107,7 @@ class CoordRecorder:
 # Multi-width check
 
 
-def _config(width: int, base_width: int, use_mup: bool, seed: int, seq_len: int, depth: int, head_dim: int):
+def check_config(width: int, base_width: int, use_mup: bool, seed: int, seq_len: int, depth: int, head_dim: int):
     from core.config import TrainConfig, resolve_defaults
     cfg = TrainConfig(width=width, depth=depth, head_dim=head_dim, seq_len=seq_len, batch_tokens=seq_len,
                       val_seq_len=seq_len, iterations=1000, cooldown_frac=0.0, seed=seed, mup=use_mup,
@@ -145,7 +145,7 @@ def measure(widths: list[int], steps: int, seeds: list[int], *, use_mup: bool, s
     for width in widths:
         out[width] = {}
         for seed in seeds:
-            cfg = _config(width, base, use_mup, seed, seq_len, depth, head_dim)
+            cfg = check_config(width, base, use_mup, seed, seq_len, depth, head_dim)
             model = build_model(cfg, torch.device(device))
             adam, muon, _ = build_optimizer_pair(model, cfg)
             muon.orthogonalize = ORTHOGONALIZERS[orthogonalizer]
