@@ -150,3 +150,22 @@ def test_coord_check_cli_rejects_cuda_without_a_gpu(capsys):
     with pytest.raises(SystemExit) as exc:
         coord_check.main(["--widths", "32", "64", "--device", "cuda"])
     assert exc.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_probe_first_updates_reports_the_scale_invariance_of_the_first_step(capsys):
+    """scripts/probe_first_updates.py: at step 1 the block outputs are still zero, so the loss cannot depend
+    on the block lambdas (the final RMS norm removes x0's scale): their gradient is rounding noise."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "scripts" / "probe_first_updates.py"
+    spec = importlib.util.spec_from_file_location("probe_first_updates", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    from core.data import resolve_data
+    row = probe.probe(64, 32, 128, False, 2, 16, resolve_data(None).train_files)
+    assert row["scalar_grad_max"] < 1e-4            # rounding noise
+    assert 0.5 < row["s1_share"] <= 1.0 and 1 <= row["ns5_dirs"] <= row["polar_dirs"] <= 64
+    lr_step = [abs(v) for v in row["lambda0_step"]]
+    assert min(lr_step) > 0.01                       # yet Adam moved them by a full step
+    assert probe.main(["--widths", "32", "48", "--seq-len", "128", "--head-dim", "16", "--depth", "2"]) == 0
+    assert "block-0 lambdas moved by" in capsys.readouterr().out
