@@ -169,3 +169,15 @@ def test_probe_first_updates_reports_the_scale_invariance_of_the_first_step(caps
     assert min(lr_step) > 0.01                       # yet Adam moved them by a full step
     assert probe.main(["--widths", "32", "48", "--seq-len", "128", "--head-dim", "16", "--depth", "2"]) == 0
     assert "block-0 lambdas moved by" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_coordinate_check_runs_on_cuda_and_agrees_with_cpu_at_init():
+    """GPU-only: the CUDA path (FlexAttention BlockMask, bf16 embeddings) records the same step-0 sizes."""
+    kw = dict(seq_len=256, depth=2, head_dim=16, log=lambda *_: None)
+    gpu = measure([32, 64], 2, [0], use_mup=True, device="cuda", **kw)
+    cpu = measure([32, 64], 2, [0], use_mup=True, **kw)
+    for w in (32, 64):
+        for kind in ("embed", "residual"):
+            assert gpu[w][0][0][kind] == pytest.approx(cpu[w][0][0][kind], rel=2e-2)
+        assert all(math.isfinite(v) for row in gpu[w][0] for v in row.values())
