@@ -108,6 +108,8 @@ class CoordRecorder:
 
 
 def check_config(width: int, base_width: int, use_mup: bool, seed: int, seq_len: int, depth: int, head_dim: int):
+    """One coordinate-check run: the CPU defaults (eager, no FP8), one packed sequence of `seq_len` tokens
+    per step, a constant LR (no cooldown within the few steps), spectral norms and activation hooks off."""
     from core.config import TrainConfig, resolve_defaults
     cfg = TrainConfig(width=width, depth=depth, head_dim=head_dim, seq_len=seq_len, batch_tokens=seq_len,
                       val_seq_len=seq_len, iterations=1000, cooldown_frac=0.0, seed=seed, mup=use_mup,
