@@ -50,20 +50,20 @@ def worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         muon, muon_params, adam, adam_params = build(WORLD, rank)
-        # Count which matrices this rank orthogonalises (wrap the module-level function Muon calls).
+        # Count which matrices this rank orthogonalises (wrap the orthogonaliser Muon calls).
         orthogonalised = []
-        real_ns = optim.zeropower_via_newtonschulz5
+        real_ns = muon.orthogonalize
+        assert real_ns is optim.zeropower_via_newtonschulz5  # the record's NS5 by default
 
-        def counting_ns(G, steps=5):
+        def counting_ns(G):
             orthogonalised.append(tuple(G.shape))
-            return real_ns(G, steps)
-        optim.zeropower_via_newtonschulz5 = counting_ns
+            return real_ns(G)
+        muon.orthogonalize = counting_ns
         for step in range(STEPS):
             for i, p in enumerate(muon_params + adam_params):
                 p.grad = rank_grad(p.shape, step, i, rank)
             muon.step()
             adam.step()
-        optim.zeropower_via_newtonschulz5 = real_ns
         torch.save({
             "muon": [p.detach() for p in muon_params],
             "adam": [p.detach() for p in adam_params],
