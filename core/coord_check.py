@@ -11,10 +11,10 @@ Two entry points:
 
 Tokens per step matter. The hidden output projections start at zero and the readout too, so the first
 nonzero attention/MLP outputs (step 2) come from ONE orthogonalised update whose row space is spanned
-by one batch. How much of a new token's input that update acts on depends on the batch at these
-small widths, so with few tokens per step the step-2 sizes fall with width under muP and SP alike;
-the effect shrinks with more tokens (README "Coordinate check" has the measurements). Hence the default of
-4096 tokens per step. `--fixed-batch` repeats the first batch instead (microsoft/mup's `fix_data`),
+by one batch and applied to the next. With width << tokens per step that update is full-rank and acts
+on all of a new token's input; as the width approaches the tokens it acts on a shrinking share, so
+with few tokens per step the step-2 sizes fall with width under muP and SP alike (README "Coordinate
+check" has the measurements). Hence the default of 4096 tokens per step. `--fixed-batch` repeats the first batch instead (microsoft/mup's `fix_data`),
 which removes that effect but measures memorisation of one batch from step ~5 on.
 
 Verdict (microsoft/mup's coord check looks for ~flat curves): the slope of log(size) vs log(width),
@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from core.attention import BLOCK_SIZE
+from core.model import sequence_len_ok
 
 LAYER_TYPES = ("embed", "attn", "mlp", "residual", "logits")
 HIDDEN_TYPES = ("embed", "attn", "mlp", "residual")
@@ -305,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"width {w} must be a positive multiple of --head-dim {a.head_dim}")
     if a.steps < 2 or a.seeds < 1:
         p.error("--steps must be >= 2 and --seeds >= 1")
-    if a.seq_len <= 0 or a.seq_len % 128:
-        p.error(f"--seq-len {a.seq_len} must be a positive multiple of 128 (the attention block size)")
+    if not sequence_len_ok(a.seq_len):
+        p.error(f"--seq-len {a.seq_len} must be a positive multiple of {BLOCK_SIZE} (the attention block size)")
     if a.device not in ("cpu", "cuda") or (a.device == "cuda" and not torch.cuda.is_available()):
         p.error(f"--device {a.device!r}: use cpu" + ("" if torch.cuda.is_available() else " (no CUDA device here)"))
     report = run_check(sorted(a.widths), a.steps, list(range(a.seeds)), Path(a.out_dir), seq_len=a.seq_len,

@@ -24,8 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.attention import BLOCK_SIZE  # noqa: E402
 from core.coord_check import check_config  # noqa: E402
 from core.data import BatchLoader, resolve_data  # noqa: E402
+from core.model import sequence_len_ok  # noqa: E402
 from core.optimizers import polar_factor_svd, zeropower_via_newtonschulz5  # noqa: E402
 from core.trainer import build_model, build_optimizer_pair, forward_backward, set_schedules  # noqa: E402
 
@@ -66,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if any(w <= 0 or w % a.head_dim for w in a.widths):
         p.error(f"every width must be a positive multiple of --head-dim {a.head_dim}")
-    if a.seq_len <= 0 or a.seq_len % 128:
-        p.error("--seq-len must be a positive multiple of 128")
-    torch.set_num_threads(1)  # one thread is the fastest on the 2-core CI machine; results do not depend on it
+    if not sequence_len_ok(a.seq_len):
+        p.error(f"--seq-len must be a positive multiple of {BLOCK_SIZE}")
+    torch.set_num_threads(1)  # one thread is the fastest on the 2-core machine these notes were made on
     files = resolve_data(None).train_files
     print(f"{'SP' if not a.mup else 'muP'}, depth {a.depth}, head_dim {a.head_dim}, {a.seq_len} tokens/step, seed 0")
     print(f"{'width':>6} {'s1/|G|_F':>9} {'NS5 dirs>0.5':>13} {'polar dirs>0.5':>15} {'max |scalar grad|':>18}  "
