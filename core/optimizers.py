@@ -1,7 +1,8 @@
 """Optimizers of the speedrun GPT: Muon (Newton-Schulz 5) for hidden matrices, DistAdam for the rest.
 
 Owns:
-- `zeropower_via_newtonschulz5(G, steps=5)`: the quintic Newton-Schulz orthogonalisation (bf16).
+- `zeropower_via_newtonschulz5(G, steps=5)`: the quintic Newton-Schulz orthogonalisation (bf16 on CUDA,
+  fp32 on CPU: `ns_dtype`).
 - `polar_factor_svd(G)`: the exact orthogonal polar factor, a diagnostic reference for NS5.
 - `Muon`: Nesterov momentum + NS5 per hidden matrix; with several processes each rank orthogonalises
   its share of the matrices and all-gathers the results.
@@ -39,9 +40,17 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 _compiled_ns = None  # torch.compile'd NS5, created on the first CUDA call (never at import)
 
 
-def _newtonschulz5(G: Tensor, steps: int) -> Tensor:
+def ns_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype Newton-Schulz runs in on `device`: bf16 on CUDA (tensor cores; the record's choice), fp32
+    elsewhere. A CPU without bf16 matmul units emulates bf16: one step of a width-512 model spent 88.7 s of
+    its time in bf16 NS5 against 2.2 s in fp32 on the project's 2-core AVX2 EPYC (issue 10), and fp32 is at
+    least as accurate. The trainer logs the choice at start and records it in config.json."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _newtonschulz5(G: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
     a, b, c = NS_COEFFS
-    X = G.bfloat16()
+    X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide orientation: X @ X.mT is then the smaller Gram matrix
         X = X.mT
@@ -57,11 +66,12 @@ def _newtonschulz5(G: Tensor, steps: int) -> Tensor:
     return X
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> Tensor:
     """Approximate the orthogonal polar factor U V^T of G (USV^T = G) with a quintic Newton-Schulz iteration.
 
     G has shape (..., rows, cols); leading dims are a batch (e.g. the (3, hdim, dim) qkv weight is
-    three matrices). The result is bf16 with G's shape. It is not exactly U V^T but U S' V^T with
+    three matrices). The result has G's shape and `dtype` (default `ns_dtype(G.device)`: bf16 on CUDA, fp32
+    on CPU). It is not exactly U V^T but U S' V^T with
     S' in a band around 1 (about 0.7 to 1.2 for well-conditioned inputs); the reference found that
     this does not hurt training and saves iterations. On CUDA the iteration is torch.compile'd
     (lazily, on first use); on CPU it runs eagerly.
@@ -69,12 +79,13 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix (or a batch of matrices), got shape {tuple(G.shape)}; "
                          "1-D parameters belong in DistAdam, not Muon")
+    dtype = ns_dtype(G.device) if dtype is None else dtype
     if G.is_cuda and not torch.compiler.is_compiling():
         global _compiled_ns
         if _compiled_ns is None:
             _compiled_ns = torch.compile(_newtonschulz5)
-        return _compiled_ns(G, steps)
-    return _newtonschulz5(G, steps)
+        return _compiled_ns(G, steps, dtype)
+    return _newtonschulz5(G, steps, dtype)
 
 
 def polar_factor_svd(G: Tensor, rel_tol: float = 1e-6) -> Tensor:
@@ -129,7 +140,8 @@ class Muon(torch.optim.Optimizer):
     whatever its width (which is also why muP keeps Muon's LR constant with width).
 
     Why: orthogonalising equalises the update's singular values, boosting the rare directions that
-    plain momentum under-weights; Newton-Schulz runs stably in bf16, so it is cheap on a GPU.
+    plain momentum under-weights; Newton-Schulz runs stably in bf16, so it is cheap on a GPU (on a CPU it
+    runs in fp32, where bf16 would be emulated: `ns_dtype`).
 
     Caveats:
     - Only for hidden matrices. Embeddings, the lm_head and 0/1-D parameters belong in Adam

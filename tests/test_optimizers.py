@@ -39,13 +39,14 @@ def well_conditioned_square(n, seed):
     return U @ torch.diag(torch.linspace(1, 10, n)) @ V.T
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # the CUDA path and the CPU path
 @pytest.mark.parametrize("shape", [(32, 96), (96, 32), (3, 24, 48), "square64"])
-def test_ns5_singular_values_lie_in_polynomial_band(shape):
+def test_ns5_singular_values_lie_in_polynomial_band(shape, dtype):
     torch.manual_seed(0)
     # Gaussian matrices with aspect ratio >= 2 are well conditioned (s_min/s_max ~ 1/3).
     G = well_conditioned_square(64, 0) if shape == "square64" else torch.randn(*shape)
-    X = zeropower_via_newtonschulz5(G)
-    assert X.dtype == torch.bfloat16 and X.shape == G.shape
+    X = zeropower_via_newtonschulz5(G, dtype=dtype)
+    assert X.dtype == dtype and X.shape == G.shape
     s_in = normalised_singular_values(G)
     eps = s_in.min().item()
     band = p5(np.linspace(eps, 1.0, 200_001))  # what the coefficients promise on [eps, 1]
@@ -62,6 +63,19 @@ def test_ns5_singular_values_lie_in_polynomial_band(shape):
     U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
     target = U @ torch.diag_embed(p5(S / torch.linalg.matrix_norm(G.double()).unsqueeze(-1))) @ Vh
     assert (X.double() - target).norm() / target.norm() < 0.05
+
+
+def test_ns5_runs_in_fp32_on_cpu_and_bf16_on_cuda():
+    from core.optimizers import ns_dtype
+    assert ns_dtype("cpu") == torch.float32 and ns_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert zeropower_via_newtonschulz5(torch.randn(16, 32)).dtype == torch.float32
+    # fp32 follows the polynomial more closely than bf16 (same input, same iteration)
+    G = torch.randn(48, 96, generator=torch.Generator().manual_seed(3))
+    s_in = normalised_singular_values(G)
+    predicted = torch.sort(p5(s_in), dim=-1).values
+    err = {dt: (torch.sort(torch.linalg.svdvals(zeropower_via_newtonschulz5(G, dtype=dt).double()), dim=-1).values
+                - predicted).abs().max().item() for dt in (torch.float32, torch.bfloat16)}
+    assert err[torch.float32] < 1e-4 < err[torch.bfloat16], err
 
 
 def test_ns5_rejects_vectors():
