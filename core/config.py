@@ -8,10 +8,13 @@ step, 1750 steps); on CPU a small configuration that trains visibly in a few min
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
 from core.attention import BLOCK_SIZE
+from core.data import BUILTIN_CORPORA
+from core.mup import MUP_MISTAKES
 
 
 class ConfigError(ValueError):
@@ -24,14 +27,17 @@ class TrainConfig:
     width: int | None = None          # model width d (CUDA 768, CPU 128)
     depth: int | None = None          # transformer blocks (CUDA 12, CPU 4)
     head_dim: int | None = None       # head dimension, fixed across widths (CUDA 128, CPU 32)
-    vocab_size: int = 50257           # GPT-2 vocabulary; the lm_head pads to a multiple of 128
+    vocab_size: int | None = None     # token ids the model reads (None: the data's: GPT-2 50257, bytes 257); lm_head pads to 128
+    bos_id: int | None = None         # document-start token (None: the data's: GPT-2 50256, bytes 256)
     # --- muP ---------------------------------------------------------------------------------
     mup: bool = False                 # use muP (core/mup.py); without it the record's standard parametrisation
     base_width: int | None = None     # muP base width d0: hyperparameters tuned there transfer to --width
     coord_check: bool = False         # record per-layer activation sizes (mean |x|) for the coordinate check
     coord_check_every: int = 1        # ... every N steps (steps 0..coord_check_steps)
     coord_check_steps: int = 10       # how many first steps the coordinate check records
+    mup_mistake: str | None = None    # experiments only: apply a known muP mistake (core/mup.py MUP_MISTAKES), needs --mup
     # --- data --------------------------------------------------------------------------------
+    data: str | None = None           # a built-in corpus: embedded (GPT-2 tokens) | embedded-bytes (UTF-8 bytes, the CPU muP lab)
     data_dir: str | None = None       # folder with fineweb_{train,val}_*.bin; None: data/fineweb10B, else embedded corpus
     seq_len: int | None = None        # tokens per micro-batch sequence (CUDA 48*1024, CPU 1024); multiple of 128
     batch_tokens: int | None = None   # tokens per optimizer step over all ranks (CUDA 8*48*1024, CPU 1024)
@@ -41,6 +47,7 @@ class TrainConfig:
     iterations: int | None = None     # optimizer steps (CUDA 1750, CPU 150)
     adam_lr: float = 0.008            # DistAdam base LR (embeddings x75, lm_head x27.5, scalars x5)
     muon_lr: float = 0.05             # Muon LR for hidden matrices
+    lr_mult: float = 1.0              # global LR multiplier: scales every LR of both optimizers together (sweeps)
     cooldown_frac: float = 0.45       # LR constant, then linear decay over this final fraction of training
     final_lr_frac: float = 0.05       # LR multiplier at the end of the cool-down (record: 0.05)
     muon_momentum_warmup: int = 300   # Muon momentum 0.85 -> 0.95 over this many steps
@@ -61,6 +68,7 @@ class TrainConfig:
     wandb_entity: str | None = None   # W&B entity (team or user)
     wandb_run_name: str | None = None # W&B run name (default: run_name)
     wandb_tags: list[str] = field(default_factory=list)  # W&B tags
+    wandb_group: str | None = None    # W&B group (sweeps: one per sweep folder, so the dashboard groups its runs)
     spectral_every: int | None = None # spectral norms of Muon matrices every N steps (env MONITOR_SPECTRAL_EVERY; default 100)
     activations: bool | None = None   # activation statistics via forward hooks (env MONITOR_ACTIVATIONS; default off)
     peak_tflops: float | None = None  # override the hardware peak for MFU (bf16 dense TFLOP/s)
@@ -105,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help=help_text)
         elif f.name == "wandb_tags":
             p.add_argument(name, nargs="*", default=[], help=help_text)
-        elif f.name in ("device", "compile", "fp8", "nan_policy"):
+        elif f.name in ("device", "compile", "fp8", "nan_policy", "data", "mup_mistake"):
             choices = {"device": ["auto", "cpu", "cuda"], "compile": ["auto", "true", "false"],
-                       "fp8": ["auto", "on", "off"], "nan_policy": ["abort", "skip"]}[f.name]
+                       "fp8": ["auto", "on", "off"], "nan_policy": ["abort", "skip"],
+                       "data": list(BUILTIN_CORPORA), "mup_mistake": sorted(MUP_MISTAKES)}[f.name]
             p.add_argument(name, choices=choices, default=f.default, help=help_text)
         else:
             base = str(f.type).replace(" | None", "")
@@ -176,9 +185,14 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
             raise ConfigError(msg)
 
     for name in ("width", "depth", "head_dim", "seq_len", "batch_tokens", "val_seq_len", "iterations",
-                 "log_every", "coord_check_every", "coord_check_steps", "vocab_size", "window_max"):
+                 "log_every", "coord_check_every", "coord_check_steps", "window_max"):
         value = getattr(cfg, name)
         need(value is not None and value > 0, f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in ("vocab_size", "bos_id"):
+        value = getattr(cfg, name)
+        need(value is None or value >= (1 if name == "vocab_size" else 0),
+             f"--{name.replace('_', '-')} must be {'positive' if name == 'vocab_size' else '>= 0'}, got {value} "
+             "(or leave it out: the data source declares it)")
     for name in ("val_every", "spectral_every", "warmup_steps"):
         value = getattr(cfg, name)
         need(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
@@ -189,6 +203,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(cfg.depth % 2 == 0, f"--depth must be even (U-net skips pair the blocks), got {cfg.depth}")
     if cfg.base_width is not None and not cfg.mup:
         raise ConfigError("--base-width only has a meaning with --mup: add --mup, or drop --base-width")
+    if cfg.mup_mistake is not None:
+        need(cfg.mup, f"--mup-mistake {cfg.mup_mistake} is a negative control of muP: it needs --mup --base-width B")
+        need(cfg.mup_mistake in MUP_MISTAKES, f"--mup-mistake {cfg.mup_mistake!r}: choose one of {sorted(MUP_MISTAKES)}")
+    if cfg.data is not None and cfg.data_dir is not None:
+        raise ConfigError(f"--data {cfg.data} and --data-dir {cfg.data_dir} both name the training data: give one")
     if cfg.mup:
         need(cfg.base_width is not None, "--mup needs --base-width (the width where the hyperparameters were tuned)")
         need(cfg.base_width > 0 and cfg.base_width % cfg.head_dim == 0,
@@ -207,6 +226,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
              f"{cfg.val_seq_len * world_size}")
     need(0.0 <= cfg.cooldown_frac <= 1.0, f"--cooldown-frac must be in [0, 1], got {cfg.cooldown_frac}")
     need(cfg.adam_lr > 0 and cfg.muon_lr > 0, "--adam-lr and --muon-lr must be positive")
+    need(cfg.lr_mult > 0 and math.isfinite(cfg.lr_mult), f"--lr-mult must be a positive number, got {cfg.lr_mult}")
     if cfg.peak_tflops is not None:
         need(cfg.peak_tflops > 0, f"--peak-tflops must be positive, got {cfg.peak_tflops}")
     # checkpoints and failure handling

@@ -1,14 +1,21 @@
 """Data layer: owns the token shard format, finding/validating/building the data, and the batch loaders.
 
 Shard format (modded-nanogpt's FineWeb `.bin`): a header of 256 little-endian int32 (magic 20240520, version 1,
-token count, zeros), then `count` little-endian uint16 GPT-2 tokens. Every document starts with BOS (50256).
+token count, zeros), then `count` little-endian uint16 tokens. Every document starts with BOS.
+
+Vocabularies: every data source declares its `Vocab` (size and BOS id) and the model and loader follow it.
+GPT-2 tokens (50257, BOS 50256) are the default: FineWeb and the `embedded` corpus. The `embedded-bytes`
+corpus is the same embedded text as UTF-8 bytes (256 byte ids plus BOS 256): the CPU muP lab's proxy,
+where a small model learns far more per FLOP than with a 50K readout. A shard folder declares a
+non-GPT-2 vocabulary in a `vocab.json` beside its shards.
 
 Sections:
   shards      `write_shard`, `read_header`, `read_shard`, `DataError`
   building    text documents -> BOS-prefixed tokens -> train/val shards (shared with
               scripts/data_process/tokenize_corpus.py: there is one implementation of "documents -> shards")
   sources     `resolve_data`: FineWeb shards if present, else the embedded public-domain corpus
-              (data/embedded/corpus.jsonl.xz, built once into `data/cache/`)
+              (data/embedded/corpus.jsonl.xz, built once into `data/cache/`); `--data embedded-bytes`
+              picks its byte-level build
   loading     `BatchLoader` (BOS-aligned distributed training batches, resumable), `val_batches`
   baseline    `unigram_entropy`
 
@@ -41,11 +48,29 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 BOS_ID = 50256  # GPT-2 <|endoftext|>, placed before every document as in the FineWeb shards
 GPT2_VOCAB_SIZE = 50257
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """What a data source's token ids mean, as far as training needs: how many, and which one starts a document."""
+    name: str
+    size: int
+    bos_id: int
+
+
+GPT2_VOCAB = Vocab("gpt2", GPT2_VOCAB_SIZE, BOS_ID)
+BYTE_VOCAB = Vocab("bytes", 257, 256)  # UTF-8 bytes 0..255, then BOS
+VOCABS = {v.name: v for v in (GPT2_VOCAB, BYTE_VOCAB)}
+VOCAB_FILE = "vocab.json"  # beside a folder's shards: {"name": ..., "size": ..., "bos_id": ...}; absent = GPT-2
+# Built-in corpora selectable with --data (a shard folder is --data-dir instead).
+BUILTIN_CORPORA = ("embedded", "embedded-bytes")
 # Fixed FineWeb validation size of the reference record, "important to keep this fixed for consistent
 # comparisons" (modded-nanogpt records/track_1_short/2025-07-12_BosAlign, Hyperparameters.val_tokens).
 FINEWEB_VAL_TOKENS = 10_485_760
 # The embedded corpus is ~2.7M tokens: hold out whole documents worth 2**18 tokens for validation.
 EMBEDDED_VAL_TOKENS = 2**18
+# ... and ~10.5M bytes: hold out 2**19 bytes (runs use the first --val-tokens of them).
+EMBEDDED_BYTES_VAL_TOKENS = 2**19
 # Custom corpora (tokenize_corpus.py output) get the largest multiple of this that their val shards hold,
 # so that common (seq_len * world_size) values divide it.
 CUSTOM_VAL_MULTIPLE = 2**16
@@ -213,6 +238,16 @@ def encode_documents(texts: Iterable[str], encoding=None) -> Iterator[np.ndarray
         yield doc
 
 
+def encode_documents_as_bytes(texts: Iterable[str]) -> Iterator[np.ndarray]:
+    """Each text as its UTF-8 bytes (ids 0..255), prefixed with BYTE_VOCAB's BOS (256); yields uint16."""
+    for text in texts:
+        raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        doc = np.empty(raw.size + 1, dtype=np.uint16)
+        doc[0] = BYTE_VOCAB.bos_id
+        doc[1:] = raw
+        yield doc
+
+
 def hash_order(texts: Iterable[str]) -> list[str]:
     """Deterministic shuffle: sort documents by the sha256 of their text (independent of any RNG or library)."""
     return sorted(texts, key=lambda t: hashlib.sha256(t.encode("utf-8")).hexdigest())
@@ -305,9 +340,10 @@ def write_token_shards(docs: Iterable[np.ndarray], out_dir: str | Path, prefix: 
 class DataSource:
     train_files: list[Path]  # training shards, in reading order
     val_files: list[Path]  # validation shards; the first `val_tokens` tokens are the val set
-    name: str  # "fineweb", "embedded" or the shard prefix of a custom corpus
+    name: str  # "fineweb", "embedded", "embedded-bytes" or the shard prefix of a custom corpus
     is_embedded: bool  # True for the small shipped corpus (a smoke-test / CPU dataset, not a benchmark)
     val_tokens: int  # fixed validation size, so runs on the same data compare
+    vocab: Vocab = GPT2_VOCAB  # what the token ids mean; the model's vocabulary and the loader's BOS follow it
 
     def summary(self) -> str:
         """One line for the run log: name, shard counts and token counts (header reads only)."""
@@ -338,6 +374,28 @@ def _find_shards(folder: Path) -> tuple[str, list[Path], list[Path]] | None:
     return prefix, train, val
 
 
+def read_vocab(folder: Path) -> Vocab:
+    """The vocabulary a shard folder declares in vocab.json; GPT-2 when it declares none (FineWeb, tokenize_corpus.py)."""
+    path = folder / VOCAB_FILE
+    if not path.is_file():
+        return GPT2_VOCAB
+    try:
+        raw = json.loads(path.read_text())
+        vocab = Vocab(str(raw["name"]), int(raw["size"]), int(raw["bos_id"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a vocabulary declaration ({e}); it must be a JSON object with name, size and "
+                        f"bos_id, e.g. {json.dumps(vars(BYTE_VOCAB))}. Fix or delete it.") from None
+    if not 0 <= vocab.bos_id < vocab.size:
+        raise DataError(f"{path}: bos_id {vocab.bos_id} is outside the vocabulary of size {vocab.size}.")
+    return vocab
+
+
+def write_vocab(folder: Path, vocab: Vocab) -> Path:
+    path = folder / VOCAB_FILE
+    path.write_text(json.dumps(vars(vocab)) + "\n")
+    return path
+
+
 def validate_shards(train_files: Sequence[Path], val_files: Sequence[Path], vocab_size: int = GPT2_VOCAB_SIZE) -> None:
     """Fail before training on bad data: every header, plus full token checks of all val and the first train shard."""
     for path in list(train_files) + list(val_files):
@@ -348,7 +406,8 @@ def validate_shards(train_files: Sequence[Path], val_files: Sequence[Path], voca
 
 def _source_from_shards(prefix: str, train: list[Path], val: list[Path], is_embedded: bool,
                         val_tokens: int | None = None) -> DataSource:
-    validate_shards(train, val)
+    vocab = read_vocab(train[0].parent)
+    validate_shards(train, val, vocab.size)
     available = sum(read_header(p) for p in val)
     if val_tokens is None:
         if prefix == "fineweb":
@@ -364,30 +423,40 @@ def _source_from_shards(prefix: str, train: list[Path], val: list[Path], is_embe
                         f"needs {val_tokens + 1:,} ({val_tokens:,} + 1 target). Re-download the val shard "
                         f"(`{DOWNLOAD_HINT}`) or re-create the shards with a larger --val-tokens.")
     return DataSource(train_files=list(train), val_files=list(val), name=prefix, is_embedded=is_embedded,
-                      val_tokens=val_tokens)
+                      val_tokens=val_tokens, vocab=vocab)
 
 
-def build_embedded(cache_dir: str | Path, corpus: Path = EMBEDDED_CORPUS) -> tuple[list[Path], list[Path]]:
-    """Tokenize the shipped corpus into `cache_dir/embedded-<hash>/` once; later calls reuse it.
+def build_embedded(cache_dir: str | Path, corpus: Path = EMBEDDED_CORPUS,
+                   vocab: Vocab = GPT2_VOCAB) -> tuple[list[Path], list[Path]]:
+    """Tokenize the shipped corpus into `cache_dir/embedded[-bytes]-v<version>-<hash>/` once; later calls reuse it.
 
-    Deterministic: documents are ordered by the sha256 of their text, the first ones (>= 2**18 + 1 tokens)
-    become val, the rest train. The folder name carries a hash of the corpus file and the build version, so a
+    `vocab` GPT2_VOCAB: GPT-2 BPE tokens (val: the first documents holding >= 2**18 + 1 tokens); BYTE_VOCAB: UTF-8
+    bytes (val >= 2**19 + 1 bytes), with a vocab.json declaring it. Deterministic: documents are ordered by the
+    sha256 of their text, the first ones become val, the rest train. The folder name carries a hash of the corpus file and the build version, so a
     changed corpus is rebuilt. The build goes to a temporary folder renamed into place, under a file lock, so
     concurrent ranks (torchrun) neither see half-written shards nor build twice.
     """
     if not corpus.is_file():
         raise DataError(f"{corpus}: the embedded corpus is missing. Restore it with `git checkout -- {corpus}` "
                         f"or download FineWeb (`{DOWNLOAD_HINT}`) and pass --data-dir data/fineweb10B.")
+    if vocab not in (GPT2_VOCAB, BYTE_VOCAB):
+        raise DataError(f"the embedded corpus is built as GPT-2 tokens or bytes, not {vocab}")
     digest = hashlib.sha256(corpus.read_bytes()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
-    target = cache_dir / f"embedded-v{EMBEDDED_BUILD_VERSION}-{digest}"
+    as_bytes = vocab == BYTE_VOCAB
+    prefix = "embedded-bytes" if as_bytes else "embedded"
+    target = cache_dir / f"{prefix}-v{EMBEDDED_BUILD_VERSION}-{digest}"
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(cache_dir / ".embedded.lock"):
         if not (target / "DONE").is_file():
             tmp = cache_dir / f".embedded-build-{uuid.uuid4().hex}"
             tmp.mkdir()
             texts = hash_order(iter_documents([corpus]))
-            write_token_shards(encode_documents(texts), tmp, "embedded", val_tokens=EMBEDDED_VAL_TOKENS)
+            if as_bytes:
+                write_token_shards(encode_documents_as_bytes(texts), tmp, prefix, val_tokens=EMBEDDED_BYTES_VAL_TOKENS)
+                write_vocab(tmp, BYTE_VOCAB)
+            else:
+                write_token_shards(encode_documents(texts), tmp, prefix, val_tokens=EMBEDDED_VAL_TOKENS)
             (tmp / "DONE").write_text(f"built from {corpus.name} sha256[:16]={digest}\n")
             if target.exists():  # a stale, incomplete build (no DONE marker): replace it
                 shutil.rmtree(target)
@@ -421,13 +490,30 @@ class _file_lock:
             self.f.close()
 
 
-def resolve_data(data_dir: str | None, cache_dir: str = "data/cache") -> DataSource:
+def declared_vocab(data: str | None, data_dir: str | None) -> Vocab:
+    """The vocabulary the data will have, without building or reading any shard (so a checkpoint can be checked
+    against it first): a built-in corpus's, a folder's vocab.json, else GPT-2 (FineWeb and the embedded corpus)."""
+    if data == "embedded-bytes":
+        return BYTE_VOCAB
+    if data_dir is not None and Path(data_dir).is_dir():
+        return read_vocab(Path(data_dir))
+    return GPT2_VOCAB
+
+
+def resolve_data(data_dir: str | None, cache_dir: str = "data/cache", data: str | None = None) -> DataSource:
     """Find, validate and return the training data.
 
     `data_dir` given: its shards (`fineweb_*` preferred, else one `<prefix>_train_*`/`<prefix>_val_*` set made by
-    tokenize_corpus.py) or a DataError saying how to get them. `data_dir=None`: `data/fineweb10B` if it holds
-    shards, else the embedded corpus, built once into `cache_dir` (relative paths are taken from the repo root).
+    tokenize_corpus.py) or a DataError saying how to get them. `data` given: that built-in corpus (`embedded`:
+    GPT-2 tokens, `embedded-bytes`: UTF-8 bytes). Neither: `data/fineweb10B` if it holds shards, else the
+    embedded corpus, built once into `cache_dir` (relative paths are taken from the repo root).
     """
+    if data is not None and data_dir is not None:
+        raise DataError(f"--data {data} and --data-dir {data_dir} both name the training data: give one (--data names "
+                        f"a built-in corpus: {', '.join(BUILTIN_CORPORA)}; --data-dir a folder of shards)")
+    if data is not None and data not in BUILTIN_CORPORA:
+        raise DataError(f"--data {data!r} is not a built-in corpus; choose one of {', '.join(BUILTIN_CORPORA)}, or "
+                        "pass a folder of shards with --data-dir")
     if data_dir is not None:
         folder = Path(data_dir)
         hint = (f"Download FineWeb with `{DOWNLOAD_HINT}` (puts shards in data/fineweb10B), make shards from text "
@@ -438,13 +524,16 @@ def resolve_data(data_dir: str | None, cache_dir: str = "data/cache") -> DataSou
         if found is None:
             raise DataError(f"{folder}: no *_train_*.bin shards in this folder. {hint}")
         return _source_from_shards(*found, is_embedded=False)
-    if FINEWEB_DIR.is_dir():
+    if data is None and FINEWEB_DIR.is_dir():
         found = _find_shards(FINEWEB_DIR)
         if found is not None:
             return _source_from_shards(*found, is_embedded=False)
     cache = Path(cache_dir)
     if not cache.is_absolute():
         cache = REPO_ROOT / cache
+    if data == "embedded-bytes":
+        train, val = build_embedded(cache, vocab=BYTE_VOCAB)
+        return _source_from_shards("embedded-bytes", train, val, is_embedded=True, val_tokens=EMBEDDED_BYTES_VAL_TOKENS)
     train, val = build_embedded(cache)
     return _source_from_shards("embedded", train, val, is_embedded=True, val_tokens=EMBEDDED_VAL_TOKENS)
 
@@ -478,7 +567,8 @@ class BatchLoader:
     """
 
     def __init__(self, files: Sequence[str | Path], seq_len: int, micro_batches_per_step: int, rank: int = 0,
-                 world_size: int = 1, align_to_bos: bool = True, device: str | torch.device = "cpu"):
+                 world_size: int = 1, align_to_bos: bool = True, device: str | torch.device = "cpu",
+                 vocab: Vocab = GPT2_VOCAB):
         self.files = [Path(f) for f in files]
         if not self.files:
             raise DataError("BatchLoader got no shard files; resolve_data() returns them.")
@@ -492,6 +582,7 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.grad_accum = micro_batches_per_step // world_size
         self.align_to_bos = align_to_bos
+        self.vocab = vocab
         self.device = torch.device(device)
         self.file_index, self.pos, self.epoch = 0, 0, 0
         self._loaded: int | None = None
@@ -508,9 +599,9 @@ class BatchLoader:
 
     def _load(self, index: int) -> np.ndarray:
         if self._loaded != index:
-            self._tokens = read_shard(self.files[index])
+            self._tokens = read_shard(self.files[index], self.vocab.size)
             # Document starts, plus the shard end as a final boundary (the next shard starts a new document).
-            self._bounds = np.append(np.flatnonzero(self._tokens == BOS_ID), self._tokens.size)
+            self._bounds = np.append(np.flatnonzero(self._tokens == self.vocab.bos_id), self._tokens.size)
             self._loaded = index
         return self._tokens
 
@@ -544,7 +635,7 @@ class BatchLoader:
         aligned = "BOS-aligned " if self.align_to_bos else ""
         raise DataError(f"{', '.join(map(str, self.files))}: no shard can give one {aligned}step of "
                         f"{self.micro_batches_per_step} sequences x {self.seq_len} tokens (each sequence must start "
-                        f"at a BOS={BOS_ID} and fit in its shard). Use a smaller --seq-len or batch, more data, or "
+                        f"at a BOS={self.vocab.bos_id} and fit in its shard). Use a smaller --seq-len or batch, more data, or "
                         "check that the documents start with BOS.")
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -579,7 +670,7 @@ def valid_val_tokens(val_tokens: int, seq_len: int, world_size: int = 1) -> int:
 
 
 def val_batches(files: Sequence[str | Path], seq_len: int, val_tokens: int, rank: int = 0, world_size: int = 1,
-                device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+                device: str | torch.device = "cpu", vocab: Vocab = GPT2_VOCAB) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share of the fixed val set: the first `val_tokens` tokens of the val shards (concatenated, not
     BOS-aligned, as in the reference), cut into `seq_len` sequences; rank r takes sequences r, r+W, r+2W, ..."""
     files = [Path(f) for f in files]
@@ -594,7 +685,7 @@ def val_batches(files: Sequence[str | Path], seq_len: int, val_tokens: int, rank
     for path in files:
         if have >= val_tokens + 1:
             break
-        shard = read_shard(path)
+        shard = read_shard(path, vocab.size)
         parts.append(shard[:val_tokens + 1 - have])
         have += parts[-1].size
     if have < val_tokens + 1:

@@ -285,6 +285,7 @@ class SimpleLogger:
         wandb_entity: str | None = None,
         wandb_run_name: str | None = None,
         wandb_tags: tuple[str, ...] | list[str] = (),
+        wandb_group: str | None = None,
         wandb_resume_id: str | None = None,
         wandb_init_timeout_s: float = 30,
         resume: bool = False,
@@ -313,7 +314,8 @@ class SimpleLogger:
         if use_wandb:
             self._start_wandb(
                 project=wandb_project, entity=wandb_entity, name=wandb_run_name or self.run_dir.name,
-                tags=list(wandb_tags), resume_id=wandb_resume_id, init_timeout_s=wandb_init_timeout_s,
+                tags=list(wandb_tags), group=wandb_group, resume_id=wandb_resume_id,
+                init_timeout_s=wandb_init_timeout_s,
             )
 
     # -- setup ------------------------------------------------------------------------------
@@ -347,7 +349,7 @@ class SimpleLogger:
             return
         path.write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
 
-    def _start_wandb(self, *, project, entity, name, tags, resume_id, init_timeout_s) -> None:
+    def _start_wandb(self, *, project, entity, name, tags, resume_id, init_timeout_s, group=None) -> None:
         try:
             import wandb  # lazy: importing wandb is slow and must not happen at module import
         except ImportError:
@@ -375,7 +377,7 @@ class SimpleLogger:
 
         def init(init_mode: str | None) -> Any:
             return wandb.init(
-                project=project, entity=entity, name=name, tags=tags or None,
+                project=project, entity=entity, name=name, tags=tags or None, group=group,
                 config=self.config, dir=str(self.run_dir), mode=init_mode,
                 id=resume_id, resume="allow",
                 # Each logger owns its run object; several may live in one process (tests, sweeps).

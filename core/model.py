@@ -46,6 +46,7 @@ class GPTConfig:
     fp8: str = "off"               # lm_head matmul: "fp8" (torch._scaled_mm), "emulated", "off" (see core/fp8.py)
     mup: bool = False              # muP: readout multiplier and FP8 grad scale follow core/mup.py
     base_width: int | None = None  # muP base width d0 (width_mult = width / base_width)
+    mup_mistake: str | None = None # experiments only: a known muP mistake as a negative control (core/mup.py)
     no_attn_layers: tuple[int, ...] | None = None  # None: layer 7 of a 12-layer model, as in the record
 
     def __post_init__(self):
@@ -191,8 +192,9 @@ class Readout(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(cfg.padded_vocab, cfg.width))  # zero init (@Grad62304977)
         self.fp8 = cfg.fp8
-        self.output_mult = mup.output_multiplier(cfg.width, cfg.base_width, cfg.mup)      # muP: 1/width_mult
-        self.x_s, self.w_s, self.grad_s = mup.fp8_scales(cfg.width, cfg.base_width, cfg.mup)  # muP: grad scale
+        # muP: 1/width_mult (a negative control may change it: core/mup.py MUP_MISTAKES)
+        self.output_mult = mup.output_multiplier(cfg.width, cfg.base_width, cfg.mup, cfg.mup_mistake)
+        self.x_s, self.w_s, self.grad_s = mup.fp8_scales(cfg.width, cfg.base_width, cfg.mup, cfg.mup_mistake)  # muP
 
     def forward(self, x: Tensor) -> Tensor:  # x: (1, T, C) -> (1, T, V) in fp32
         if self.fp8 != "off" and self.training:

@@ -30,6 +30,13 @@ Model-level rules (applied in core/model.py where marked `# muP:`):
 
 A common mistake is to divide the Muon LR by m: the update would then shrink with width.
 
+NEGATIVE CONTROLS (`--mup-mistake NAME`, experiments only, needs --mup): `MUP_MISTAKES` applies one known
+mistake on top of the rules, so that the coordinate check and the transfer verdict can show they reject it:
+  no-readout-mult       drop the readout's 1/m: logits grow ~ m (predicted Adam-LR optimum drift toward -1)
+  readout-mult-squared  1/m^2 instead of 1/m: logits shrink ~ 1/m
+  muon-lr-over-m        Muon LR / m: hidden updates shrink with width (predicted Muon-LR optimum drift +1)
+  embed-lr-over-m       embedding and value-embedding Adam LRs / m: the input layer learns ever slower
+
 [YSB23] Yang, Simon, Bernstein, "A Spectral Condition for Feature Learning", arXiv:2310.17813.
 [TP5]   Yang et al., "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot Hyperparameter
         Transfer", arXiv:2203.03466, Table 3.
@@ -51,13 +58,26 @@ FP8_MAX_E4M3 = 448.0
 REF_WIDTH = 768             # the record's width, where its FP8 scales were tuned
 
 
+MUP_MISTAKES = {
+    "no-readout-mult": "readout multiplier 1 instead of 1/m",
+    "readout-mult-squared": "readout multiplier 1/m^2 instead of 1/m",
+    "muon-lr-over-m": "Muon LR divided by m",
+    "embed-lr-over-m": "embedding and value-embedding Adam LRs divided by m",
+}
+
+
 def width_mult(width: int, base_width: int | None, mup: bool) -> float:
     return width / base_width if mup else 1.0
 
 
-def output_multiplier(width: int, base_width: int | None, mup: bool) -> float:
-    """muP readout multiplier 1/m (1 under the standard parametrisation)."""
-    return 1.0 / width_mult(width, base_width, mup)
+def output_multiplier(width: int, base_width: int | None, mup: bool, mistake: str | None = None) -> float:
+    """muP readout multiplier 1/m (1 under the standard parametrisation; `mistake` for negative controls)."""
+    m = width_mult(width, base_width, mup)
+    if mistake == "no-readout-mult":
+        return 1.0
+    if mistake == "readout-mult-squared":
+        return 1.0 / m ** 2
+    return 1.0 / m
 
 
 def softcap_divisor(width: int, base_width: int | None, mup: bool) -> float:
@@ -65,9 +85,9 @@ def softcap_divisor(width: int, base_width: int | None, mup: bool) -> float:
     return SOFTCAP_DIV * math.sqrt(base_width if mup else width)
 
 
-def fp8_scales(width: int, base_width: int | None, mup: bool) -> tuple[float, float, float]:
+def fp8_scales(width: int, base_width: int | None, mup: bool, mistake: str | None = None) -> tuple[float, float, float]:
     """(x_s, w_s, grad_s) for the FP8 lm_head; see the module docstring for why."""
-    effective_divisor = softcap_divisor(width, base_width, mup) / output_multiplier(width, base_width, mup)
+    effective_divisor = softcap_divisor(width, base_width, mup) / output_multiplier(width, base_width, mup, mistake)
     grad_s = (1.0 / FP8_MAX_E4M3) * (SOFTCAP_DIV * math.sqrt(REF_WIDTH)) / effective_divisor
     return math.sqrt(width) / FP8_MAX_E4M3, 24.0 / FP8_MAX_E4M3, grad_s
 
@@ -171,17 +191,29 @@ def lr_multiplier(kind: str, shape: InfShape) -> float:
     return 1.0                          # Muon (spectral condition) and vector-like Adam params
 
 
+def mistake_lr_multiplier(kind: str, m: float, mistake: str | None) -> float:
+    """The extra LR factor a negative control applies to one parameter kind (1 without a mistake)."""
+    if mistake == "muon-lr-over-m" and kind == "hidden":
+        return 1.0 / m
+    if mistake == "embed-lr-over-m" and kind in ("embed", "value_embed"):
+        return 1.0 / m
+    return 1.0
+
+
 def apply_mup(model, base_width: int) -> dict[str, tuple[InfShape, float]]:
     """Attach `infshape` to every parameter and multiply its muP LR factor into `p.lr_mul`.
 
     Returns {name: (infshape, lr multiplier)} for logging. Call before building the optimizers
     (core/optimizers.build_optimizers multiplies its per-kind defaults into an existing lr_mul).
+    A negative control (`model.cfg.mup_mistake`) multiplies its factor in as well.
     """
     shapes = infer_infshapes(model.cfg, base_width)
     kinds = model.param_kinds()
+    mistake = getattr(model.cfg, "mup_mistake", None)
+    m = model.cfg.width / base_width
     table = {}
     for name, p in model.named_parameters():
-        mult = lr_multiplier(kinds[name], shapes[name])
+        mult = lr_multiplier(kinds[name], shapes[name]) * mistake_lr_multiplier(kinds[name], m, mistake)
         p.infshape = shapes[name]
         p.lr_mul = getattr(p, "lr_mul", 1.0) * mult
         table[name] = (shapes[name], mult)

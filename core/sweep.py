@@ -1,12 +1,23 @@
-"""Width x LR sweeps: collect the runs of scripts/run_mup_width_group_scaling.sh into a CSV, draw the
-muP transfer figure and report each width's optimal learning rate.
+"""Width x LR sweeps: plan the runs, run them N at a time (resumable), collect them into a CSV.
 
-    python -m core.sweep collect logs/sweep_X --base-width 64   # sweep.csv, sweep.png, optimum table
-    python -m core.sweep lr adam 0.5                            # 0.5 x the record's Adam LR (used by the script)
-    python -m core.sweep check-widths 64 128 256                # validate widths before a sweep starts
+    python -m core.sweep run logs/sweep_X --base-width 32 --widths 32 64 128 256 --seeds 1 2 3 \
+        --params mup sp --swept adam muon --lr-mults 0.125 0.25 0.5 1 2 4 8 --jobs 2 -- --iterations 150
+    python -m core.sweep collect logs/sweep_X          # sweep.csv, the transfer verdict (core/transfer.py), figures
+    python -m core.sweep check-widths 64 128 256       # validate widths before a sweep starts
 
-Each run folder holds config.json (width, mup, LRs, seed) and the step lines in console.log; the final
-validation loss is read with the same step-line parser the console uses (core/logger.py).
+`scripts/run_mup_width_group_scaling.sh` is the user-facing front end (it maps its arguments and env
+vars onto `run`). A sweep folder holds one run folder per run (config.json, console.log, summary.json,
+written by train.py), `plan.json` (what each run is: parametrisation, swept LR, width, multiplier,
+seed), and `<run>.failed` for a run that exited with an error (its output is kept in `<run>.out`).
+
+Parametrisations: `mup`, `sp`, and negative controls `mistake:<name>:<swept>` (muP with
+`--mup-mistake <name>`, swept only on `<swept>`; core/mup.py MUP_MISTAKES). Swept quantities: `adam`
+(the Adam LR, Muon at its default), `muon` (the Muon LR), `lr` (`--lr-mult`: both together).
+
+Resuming: a run whose summary.json records `total_steps` is done and skipped; a run that was
+interrupted is started again with `--resume auto` (it continues from its checkpoint if it wrote one,
+e.g. on SIGTERM). A failed run is recorded and not retried unless `--retry-failed`; the sweep goes on.
+SIGTERM/SIGINT to the sweep forwards SIGTERM to its runs (each finishes its step, checkpoints, exits 3).
 """
 from __future__ import annotations
 
@@ -14,19 +25,223 @@ import argparse
 import csv
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
-from collections import defaultdict
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from core.config import TrainConfig
+from core.config import ConfigError, TrainConfig, parse_args, resolve_defaults, validate
+from core.logger import parse_step_line
+from core.mup import MUP_MISTAKES
 
-DEFAULT_LR = {"adam": TrainConfig.adam_lr, "muon": TrainConfig.muon_lr}
-FIELDS = ["parametrisation", "swept", "width", "lr", "lr_mult", "seed", "final_val_loss", "steps", "run"]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_LR = {"adam": TrainConfig.adam_lr, "muon": TrainConfig.muon_lr, "lr": 1.0}
+SWEPT = tuple(DEFAULT_LR)
+FIELDS = ["parametrisation", "swept", "width", "lr", "lr_mult", "seed", "final_val_loss", "steps", "status", "run"]
+PLAN_FILE = "plan.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    param: str   # "muP", "SP" or "mistake:<name>"
+    swept: str   # "adam" | "muon" | "lr"
+    width: int
+    mult: float  # x the default of the swept quantity
+    seed: int
+
+    @property
+    def name(self) -> str:
+        tag = {"muP": "mup", "SP": "sp"}.get(self.param, self.param.replace(":", "-"))
+        return f"{tag}_{self.swept}_w{self.width}_lrx{self.mult:g}_s{self.seed}"
+
+    @property
+    def lr(self) -> float:
+        return DEFAULT_LR[self.swept] * self.mult
+
+    def train_args(self, base_width: int) -> list[str]:
+        args = ["--width", str(self.width), "--seed", str(self.seed)]
+        if self.param != "SP":
+            args += ["--mup", "--base-width", str(base_width)]
+        if self.param.startswith("mistake:"):
+            args += ["--mup-mistake", self.param.split(":", 1)[1]]
+        flag = {"adam": "--adam-lr", "muon": "--muon-lr", "lr": "--lr-mult"}[self.swept]
+        return args + [flag, f"{self.lr:.6g}"]
+
+
+def parse_param(spec: str) -> list[tuple[str, str | None]]:
+    """'mup' -> [("muP", None)]; 'mistake:no-readout-mult:adam' -> [("mistake:no-readout-mult", "adam")]."""
+    if spec == "mup":
+        return [("muP", None)]
+    if spec == "sp":
+        return [("SP", None)]
+    parts = spec.split(":")
+    if len(parts) == 3 and parts[0] == "mistake" and parts[1] in MUP_MISTAKES and parts[2] in SWEPT:
+        return [(f"mistake:{parts[1]}", parts[2])]
+    raise ConfigError(f"parametrisation {spec!r}: use mup, sp, or mistake:<name>:<swept> with a name from "
+                      f"{sorted(MUP_MISTAKES)} and swept one of {list(SWEPT)}")
+
+
+def make_plan(*, widths: list[int], seeds: list[int], params: list[str], swept: list[str],
+              lr_mults: list[float], mistake_seeds: list[int] | None = None) -> list[PlannedRun]:
+    """Every run, in the order that makes partial results most useful: seed by seed (a whole seed's picture
+    first), then each parametrisation and swept LR, LR multipliers from the default outward, then widths."""
+    bad = [s for s in swept if s not in SWEPT]
+    if bad:
+        raise ConfigError(f"swept {bad}: choose from {list(SWEPT)}")
+    if not widths or not seeds or not lr_mults:
+        raise ConfigError("a sweep needs at least one width, seed and LR multiplier")
+    sets = []
+    for spec in params:
+        for param, only in parse_param(spec):
+            for which in ([only] if only else swept):
+                sets.append((param, which))
+    mults = sorted(lr_mults, key=lambda m: (abs(math.log2(m)), m))  # 1, 0.5, 2, 0.25, 4, ...
+    plan = []
+    for seed in sorted(set(seeds) | set(mistake_seeds or [])):
+        for param, which in sets:
+            is_mistake = param.startswith("mistake:")
+            if seed not in (mistake_seeds if is_mistake and mistake_seeds is not None else seeds):
+                continue
+            plan += [PlannedRun(param, which, w, m, seed) for m in mults for w in widths]
+    return plan
+
+
+def write_plan(sweep_dir: Path, plan: list[PlannedRun], base_width: int, train_args: list[str]) -> None:
+    """plan.json: the union of every plan run in this folder (a resumed sweep may add seeds or widths)."""
+    path = sweep_dir / PLAN_FILE
+    old = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    runs = dict(old.get("runs", {}))
+    runs.update({r.name: asdict(r) for r in plan})
+    path.write_text(json.dumps({"base_width": base_width, "train_args": train_args, "runs": runs}, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: N at a time, resumable
+
+
+def run_state(sweep_dir: Path, name: str) -> str:
+    """done | failed | todo (never started, or interrupted: resumed with --resume auto)."""
+    summary = sweep_dir / name / "summary.json"
+    if summary.exists():
+        try:
+            if "total_steps" in json.loads(summary.read_text()):
+                return "done"
+        except ValueError:
+            pass
+    if (sweep_dir / f"{name}.failed").exists():
+        return "failed"
+    return "todo"
+
+
+def _slot_env(slot: int, jobs: int, nproc: int) -> dict[str, str]:
+    """One thread per run when several share a CPU; on CUDA run k gets GPUs [k*nproc, (k+1)*nproc)."""
+    env = dict(os.environ)
+    try:
+        import torch
+        gpus = torch.cuda.device_count()
+    except ImportError:
+        gpus = 0
+    if gpus:
+        if jobs * nproc > gpus:
+            raise ConfigError(f"SWEEP_JOBS={jobs} x NPROC={nproc} needs {jobs * nproc} GPUs, this node has {gpus}")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * nproc + i) for i in range(nproc))
+    elif jobs > 1:
+        env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _command(run: PlannedRun, base_width: int, train_args: list[str], sweep_dir: Path, nproc: int,
+             wandb_project: str) -> list[str]:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return launcher + ["train.py", *run.train_args(base_width), "--log-dir", str(sweep_dir), "--run-name", run.name,
+                       "--resume", "auto", "--wandb-project", wandb_project, "--wandb-group", sweep_dir.name,
+                       *train_args]
+
+
+def run_sweep(sweep_dir: Path, plan: list[PlannedRun], base_width: int, train_args: list[str], *, jobs: int = 1,
+              nproc: int = 1, retry_failed: bool = False, wandb_project: str = "speedrun-mup-group",
+              log=print) -> dict[str, int]:
+    """Run every planned run not yet done, `jobs` at a time. Returns counts {done, failed, skipped, stopped}."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_plan(sweep_dir, plan, base_width, train_args)
+    todo = []
+    counts = {"done": 0, "failed": 0, "skipped": 0, "stopped": 0}
+    for r in plan:
+        state = run_state(sweep_dir, r.name)
+        if state == "done" or (state == "failed" and not retry_failed):
+            counts["skipped"] += 1
+            continue
+        (sweep_dir / f"{r.name}.failed").unlink(missing_ok=True)
+        todo.append(r)
+    log(f"sweep {sweep_dir}: {len(plan)} runs planned, {counts['skipped']} already done or failed, "
+        f"{len(todo)} to run, {jobs} at a time")
+    running: dict[int, tuple[PlannedRun, subprocess.Popen, float]] = {}
+    stopping = []
+
+    def forward(signum, _frame):
+        stopping.append(signum)
+        for _, proc, _ in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        queue = list(todo)
+        while queue or running:
+            while queue and len(running) < jobs and not stopping:
+                slot = next(i for i in range(jobs) if i not in running)
+                r = queue.pop(0)
+                with open(sweep_dir / f"{r.name}.out", "w") as out:
+                    proc = subprocess.Popen(_command(r, base_width, train_args, sweep_dir, nproc, wandb_project),
+                                            cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                            env=_slot_env(slot, jobs, nproc))
+                running[slot] = (r, proc, time.perf_counter())
+            time.sleep(0.2)
+            for slot, (r, proc, t0) in list(running.items()):
+                code = proc.poll()
+                if code is not None:
+                    del running[slot]
+                    _finish(sweep_dir, r, code, time.perf_counter() - t0, counts, log)
+            if stopping:
+                queue.clear()  # the running ones checkpoint and exit 3; the rest waits for the next `run`
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return counts
+
+
+def _finish(sweep_dir: Path, r: PlannedRun, code: int, seconds: float, counts: dict, log) -> None:
+    out = sweep_dir / f"{r.name}.out"
+    if code == 0:
+        counts["done"] += 1
+        found = final_val_loss(sweep_dir / r.name)
+        out.unlink(missing_ok=True)  # console.log has the same lines
+        log(f"  done   {r.name} ({seconds:.0f}s): val_loss {found[0]:.4f}" if found else f"  done   {r.name}")
+    elif code == 3:  # SIGTERM: checkpointed; the next `run` resumes it
+        counts["stopped"] += 1
+        log(f"  stopped {r.name} (checkpointed; resumes on the next run of the sweep)")
+    else:
+        counts["failed"] += 1
+        tail = out.read_text().strip().splitlines()[-3:] if out.exists() else []
+        (sweep_dir / f"{r.name}.failed").write_text(json.dumps({"exit_code": code, "tail": tail}) + "\n")
+        log(f"  FAILED {r.name} (exit {code}): {tail[-1] if tail else ''} -- recorded, the sweep goes on")
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting
 
 
 def final_val_loss(run_dir: Path) -> tuple[float, int] | None:
     """(val loss, step) of the last validation step line in the run's console log, None if it has none."""
-    from core.logger import parse_step_line
     last = None
     log = run_dir / "console.log"
     if not log.exists():
@@ -38,99 +253,46 @@ def final_val_loss(run_dir: Path) -> tuple[float, int] | None:
     return last
 
 
+def _describe(run_dir: Path, cfg: dict, planned: dict | None) -> tuple[str, str, float, float]:
+    """(parametrisation, swept, lr, mult) of a run: from plan.json, else from its config and name."""
+    if planned is not None:
+        r = PlannedRun(**planned)
+        return r.param, r.swept, r.lr, r.mult
+    param = "SP" if not cfg.get("mup") else (f"mistake:{cfg['mup_mistake']}" if cfg.get("mup_mistake") else "muP")
+    name = run_dir.name
+    if "_lr_" in name or cfg.get("lr_mult", 1.0) != 1.0:
+        swept = "lr"
+    elif "_muon_" in name or ("_adam_" not in name and cfg.get("muon_lr") != DEFAULT_LR["muon"]):
+        swept = "muon"
+    else:
+        swept = "adam"
+    lr = cfg.get("lr_mult", 1.0) if swept == "lr" else cfg[f"{swept}_lr"]
+    return param, swept, lr, lr / DEFAULT_LR[swept]
+
+
 def collect(sweep_dir: Path) -> list[dict]:
+    """One row per finished run (final val loss), plus the failed runs of plan.json (status "failed")."""
+    plan = json.loads((sweep_dir / PLAN_FILE).read_text())["runs"] if (sweep_dir / PLAN_FILE).exists() else {}
     rows = []
     for cfg_path in sorted(sweep_dir.glob("*/config.json")):
-        cfg = json.loads(cfg_path.read_text())
-        found = final_val_loss(cfg_path.parent)
+        run_dir = cfg_path.parent
+        if run_state(sweep_dir, run_dir.name) == "failed":
+            continue
+        found = final_val_loss(run_dir)
         if found is None:
             continue
-        swept = "muon" if cfg["muon_lr"] != DEFAULT_LR["muon"] else "adam"
-        name = cfg_path.parent.name
-        if "_muon_" in name:
-            swept = "muon"
-        elif "_adam_" in name:
-            swept = "adam"
-        lr = cfg[f"{swept}_lr"]
+        cfg = json.loads(cfg_path.read_text())
+        param, swept, lr, mult = _describe(run_dir, cfg, plan.get(run_dir.name))
         loss, step = found
-        rows.append({"parametrisation": "muP" if cfg["mup"] else "SP", "swept": swept, "width": cfg["width"],
-                     "lr": lr, "lr_mult": lr / DEFAULT_LR[swept], "seed": cfg["seed"],
-                     "final_val_loss": loss if math.isfinite(loss) else float("nan"), "steps": step, "run": name})
+        rows.append({"parametrisation": param, "swept": swept, "width": cfg["width"], "lr": lr, "lr_mult": mult,
+                     "seed": cfg["seed"], "final_val_loss": loss if math.isfinite(loss) else float("nan"),
+                     "steps": step, "status": "done" if math.isfinite(loss) else "diverged", "run": run_dir.name})
+    for name, planned in plan.items():
+        if run_state(sweep_dir, name) == "failed":
+            r = PlannedRun(**planned)
+            rows.append({"parametrisation": r.param, "swept": r.swept, "width": r.width, "lr": r.lr, "lr_mult": r.mult,
+                         "seed": r.seed, "final_val_loss": float("nan"), "steps": 0, "status": "failed", "run": name})
     return rows
-
-
-def optima(rows: list[dict]) -> dict[tuple[str, str], dict[int, tuple[float, float]]]:
-    """{(param, swept): {width: (best lr, its loss)}}, averaging seeds; non-finite losses never win."""
-    acc = defaultdict(list)
-    for r in rows:
-        acc[(r["parametrisation"], r["swept"], r["width"], r["lr"])].append(r["final_val_loss"])
-    best = defaultdict(dict)
-    for (param, swept, width, lr), losses in acc.items():
-        loss = sum(losses) / len(losses)
-        if not math.isfinite(loss):
-            continue
-        cur = best[(param, swept)].get(width)
-        if cur is None or loss < cur[1]:
-            best[(param, swept)][width] = (lr, loss)
-    return best
-
-
-def transfer_report(rows: list[dict], base_width: int | None) -> str:
-    lines = []
-    for (param, swept), per_width in sorted(optima(rows).items()):
-        widths = sorted(per_width)
-        base = base_width if base_width in per_width else widths[0]
-        base_lr = per_width[base][0]
-        lines.append(f"{param} / {swept} LR: optimum per width (base {base}: lr {base_lr:g})")
-        for w in widths:
-            lr, loss = per_width[w]
-            steps = math.log2(lr / base_lr)
-            ok = abs(steps) <= 1.0 + 1e-9
-            lines.append(f"  width {w:>5}: best lr {lr:<10.4g} val_loss {loss:.4f}  "
-                         f"{steps:+.0f} grid step(s) from base  {'within 1 step' if ok else 'SHIFTED'}")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    swepts = sorted({r["swept"] for r in rows})
-    params = [p for p in ("muP", "SP") if any(r["parametrisation"] == p for r in rows)]
-    fig, axes = plt.subplots(len(swepts), len(params), figsize=(5.2 * len(params), 3.8 * len(swepts)),
-                             squeeze=False, sharey="row")
-    cmap = plt.get_cmap("plasma")
-    widths_all = sorted({r["width"] for r in rows})
-    for i, swept in enumerate(swepts):
-        for j, param in enumerate(params):
-            ax = axes[i][j]
-            for k, width in enumerate(widths_all):
-                pts = defaultdict(list)
-                for r in rows:
-                    if r["swept"] == swept and r["parametrisation"] == param and r["width"] == width:
-                        pts[r["lr"]].append(r["final_val_loss"])
-                if not pts:
-                    continue
-                lrs = sorted(pts)
-                losses = [sum(pts[lr]) / len(pts[lr]) for lr in lrs]
-                color = cmap(k / max(len(widths_all) - 1, 1) * 0.85)
-                ax.plot(lrs, losses, marker="o", color=color, label=f"width {width}")
-                finite = [(lr, l) for lr, l in zip(lrs, losses) if math.isfinite(l)]
-                if finite:
-                    lr_best, l_best = min(finite, key=lambda t: t[1])
-                    ax.plot([lr_best], [l_best], marker="*", ms=13, color=color, markeredgecolor="k")
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{param}: sweep of the {swept} LR", fontsize=10)
-            ax.set_xlabel(f"{swept} learning rate")
-            if j == 0:
-                ax.set_ylabel("final validation loss")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle("muP transfer: validation loss vs learning rate, one curve per width (star = optimum)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -138,16 +300,64 @@ def write_csv(rows: list[dict], path: Path) -> Path:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for r in sorted(rows, key=lambda r: (r["parametrisation"], r["swept"], r["width"], r["lr"], r["seed"])):
-            w.writerow(r)
+            w.writerow({k: r.get(k, "") for k in FIELDS})
     return path
 
 
+def read_csv(path: Path) -> list[dict]:
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append({**r, "width": int(r["width"]), "lr": float(r["lr"]), "lr_mult": float(r["lr_mult"]),
+                         "seed": int(r["seed"]), "final_val_loss": float(r["final_val_loss"] or "nan"),
+                         "steps": int(r["steps"] or 0), "status": r.get("status") or "done"})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def check_widths(widths: list[str], rest: list[str]) -> int:
+    import torch
+    if not widths:
+        print("error: the width list is empty: give the base width and at least one target width", file=sys.stderr)
+        return 2
+    for width in widths:
+        try:
+            cfg = parse_args(["--width", width, *rest])
+            validate(resolve_defaults(cfg, "cuda" if torch.cuda.is_available() else "cpu", env={}))
+        except (ConfigError, SystemExit) as e:
+            print(f"error: width {width!r}: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(prog="python -m core.sweep")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("collect")
+    r = sub.add_parser("run", help="run a width x LR sweep (resumable)")
+    r.add_argument("sweep_dir")
+    r.add_argument("--base-width", type=int, required=True)
+    r.add_argument("--widths", type=int, nargs="+", required=True)
+    r.add_argument("--seeds", type=int, nargs="+", default=[1337])
+    r.add_argument("--mistake-seeds", type=int, nargs="*", default=None, help="seeds of the mistake:* runs")
+    r.add_argument("--params", nargs="+", default=["mup", "sp"])
+    r.add_argument("--swept", nargs="+", default=["adam", "muon"])
+    r.add_argument("--lr-mults", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4])
+    r.add_argument("--jobs", type=int, default=int(os.environ.get("SWEEP_JOBS", "1")))
+    r.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
+    r.add_argument("--retry-failed", action="store_true")
+    r.add_argument("--wandb-project", default="speedrun-mup-group")
+    r.add_argument("--no-collect", action="store_true", help="skip `collect` at the end")
+    c = sub.add_parser("collect", help="sweep.csv, verdict.json and figures from a sweep folder (or its CSV)")
     c.add_argument("sweep_dir")
     c.add_argument("--base-width", type=int, default=None)
+    c.add_argument("--use-wandb", default="auto", choices=["auto", "true", "false"],
+                   help="log the figure, eta* table and verdict to a W&B summary run of the sweep's group")
     l = sub.add_parser("lr")
     l.add_argument("which", choices=sorted(DEFAULT_LR))
     l.add_argument("mult", type=float)
@@ -158,33 +368,31 @@ def main(argv=None) -> int:
         print(f"{DEFAULT_LR[a.which] * a.mult:.6g}")
         return 0
     if a.cmd == "check-widths":
-        from core.config import ConfigError, parse_args, resolve_defaults, validate
-        import torch
-        if not a.widths:
-            print("error: the width list is empty: give the base width and at least one target width",
-                  file=sys.stderr)
+        return check_widths(a.widths, rest + train_args)
+    if rest:
+        p.error(f"unrecognised arguments {rest} (train.py flags go after --)")
+    if a.cmd == "run":
+        if a.jobs < 1 or a.nproc < 1:
+            print("error: SWEEP_JOBS / --jobs and --nproc must be >= 1", file=sys.stderr)
             return 2
-        for width in a.widths:
-            try:
-                cfg = parse_args(["--width", width, *rest])
-                validate(resolve_defaults(cfg, "cuda" if torch.cuda.is_available() else "cpu", env={}))
-            except (ConfigError, SystemExit) as e:
-                print(f"error: width {width!r}: {e}", file=sys.stderr)
-                return 2
-        return 0
-    sweep_dir = Path(a.sweep_dir)
-    if not sweep_dir.is_dir():
-        print(f"error: {sweep_dir} is not a folder of sweep runs", file=sys.stderr)
-        return 2
-    rows = collect(sweep_dir)
-    if not rows:
-        print(f"error: no finished runs (config.json + a val_loss step line) under {sweep_dir}", file=sys.stderr)
-        return 1
-    csv_path = write_csv(rows, sweep_dir / "sweep.csv")
-    png = plot(rows, sweep_dir / "sweep.png")
-    print(transfer_report(rows, a.base_width))
-    print(f"csv: {csv_path}\nfigure: {png}")
-    return 0
+        try:
+            plan = make_plan(widths=a.widths, seeds=a.seeds, params=a.params, swept=a.swept, lr_mults=a.lr_mults,
+                             mistake_seeds=a.mistake_seeds)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if check_widths([str(w) for w in a.widths], train_args):
+            return 2
+        counts = run_sweep(Path(a.sweep_dir), plan, a.base_width, train_args, jobs=a.jobs, nproc=a.nproc,
+                           retry_failed=a.retry_failed, wandb_project=a.wandb_project)
+        print(f"sweep: {counts['done']} finished, {counts['failed']} failed, {counts['stopped']} stopped, "
+              f"{counts['skipped']} skipped (done before or failed before)")
+        if counts["stopped"]:
+            return 3
+        if a.no_collect:
+            return 0
+    from core import transfer  # the verdict: numpy + matplotlib, only needed here
+    return transfer.main_collect(Path(a.sweep_dir), a.base_width, use_wandb=a.use_wandb if a.cmd == "collect" else "false")
 
 
 if __name__ == "__main__":

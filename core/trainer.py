@@ -20,9 +20,10 @@ import torch.nn as nn
 
 from core import mup
 from core.config import ConfigError, TrainConfig, grad_accum_steps, resolve_defaults, validate
+from core.data import GPT2_VOCAB, Vocab, declared_vocab
 from core.distributed import DistInfo, all_reduce_mean, broadcast_object, global_grad_norm, setup_distributed, teardown
 from core.model import GPT, GPTConfig
-from core.optimizers import build_optimizers, set_muon_momentum
+from core.optimizers import build_optimizers, ns_dtype, set_muon_momentum
 from core.schedule import lr_factor, window_blocks
 
 
@@ -31,9 +32,25 @@ from core.schedule import lr_factor, window_blocks
 
 
 def model_config(cfg: TrainConfig, fp8_mode: str = "off", max_seq_len: int | None = None) -> GPTConfig:
-    return GPTConfig(vocab_size=cfg.vocab_size, depth=cfg.depth, width=cfg.width, head_dim=cfg.head_dim,
+    # vocab_size / bos_id None: no data source was consulted (a test or a benchmark): GPT-2, the default data's
+    return GPTConfig(vocab_size=cfg.vocab_size or GPT2_VOCAB.size,
+                     bos_id=GPT2_VOCAB.bos_id if cfg.bos_id is None else cfg.bos_id,
+                     depth=cfg.depth, width=cfg.width, head_dim=cfg.head_dim,
                      max_seq_len=max_seq_len or max(cfg.seq_len, cfg.val_seq_len), fp8=fp8_mode,
-                     mup=cfg.mup, base_width=cfg.base_width if cfg.mup else None)
+                     mup=cfg.mup, base_width=cfg.base_width if cfg.mup else None, mup_mistake=cfg.mup_mistake)
+
+
+def resolve_vocab(cfg: TrainConfig, vocab: Vocab) -> TrainConfig:
+    """Take the vocabulary from the data source; a --vocab-size/--bos-id that disagrees with it is an error."""
+    for name, declared in (("vocab_size", vocab.size), ("bos_id", vocab.bos_id)):
+        given = getattr(cfg, name)
+        if given is None:
+            setattr(cfg, name, declared)
+        elif given != declared:
+            raise ConfigError(f"--{name.replace('_', '-')} {given} disagrees with the data: its vocabulary "
+                              f"'{vocab.name}' has size {vocab.size} and BOS {vocab.bos_id}. Drop --vocab-size and "
+                              "--bos-id (the data declares them) or choose data made with that vocabulary.")
+    return cfg
 
 
 def build_model(cfg: TrainConfig, device: torch.device, fp8_mode: str = "off") -> GPT:
@@ -50,8 +67,9 @@ def build_model(cfg: TrainConfig, device: torch.device, fp8_mode: str = "off") -
 def build_optimizer_pair(model: GPT, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
     """muP LR multipliers (if --mup) then the record's DistAdam + Muon; returns (adam, muon, mup_table)."""
     table = mup.apply_mup(model, cfg.base_width) if cfg.mup else None
-    adam, muon = build_optimizers(model, model.param_kinds(), adam_lr=cfg.adam_lr, muon_lr=cfg.muon_lr,
-                                  rank=rank, world_size=world_size)
+    # --lr-mult scales every LR of both optimizers together (the swept quantity of a global-LR sweep)
+    adam, muon = build_optimizers(model, model.param_kinds(), adam_lr=cfg.adam_lr * cfg.lr_mult,
+                                  muon_lr=cfg.muon_lr * cfg.lr_mult, rank=rank, world_size=world_size)
     return adam, muon, table
 
 
@@ -144,6 +162,7 @@ def run(cfg: TrainConfig) -> RunResult:
         device = info.device
         resolve_defaults(cfg, device.type)
         validate(cfg, info.world_size)
+        resolve_vocab(cfg, declared_vocab(cfg.data, cfg.data_dir))
         # --resume: find, verify and check the checkpoint before any heavy work (bad or incompatible: exit 2)
         notes: list[str] = []  # logged once the logger exists
         resume_path, resumed = ckpt_io.resolve_resume(cfg, notes.append)
@@ -154,11 +173,12 @@ def run(cfg: TrainConfig) -> RunResult:
 
         # data first: bad shards fail before any model is built (rank 0 builds the embedded cache)
         if info.is_main:
-            data = resolve_data(cfg.data_dir)
+            data = resolve_data(cfg.data_dir, data=cfg.data)
         if info.distributed:
             torch.distributed.barrier()
         if not info.is_main:
-            data = resolve_data(cfg.data_dir)
+            data = resolve_data(cfg.data_dir, data=cfg.data)
+        resolve_vocab(cfg, data.vocab)  # the shards agree with what was declared
         if resumed is not None:
             ckpt_io.check_data(resumed, data.train_files, resume_path)
         val_tokens = cfg.val_tokens or data.val_tokens
@@ -177,12 +197,16 @@ def run(cfg: TrainConfig) -> RunResult:
             if dropped:
                 notes.append(f"resume: dropped {dropped} metrics.jsonl row(s) logged after the checkpoint by the "
                              "interrupted attempt; this run logs those steps again")
+        # what "auto" resolved to on this machine, next to the flags, in config.json and the W&B config
+        resolved = {"device": str(device), "world_size": info.world_size, "grad_accum": grad_accum,
+                    "fp8_mode": fp8_mode, "compile": use_compile, "ns_dtype": str(ns_dtype(device)).replace("torch.", ""),
+                    "vocab": data.vocab.name}
         try:
             logger = SimpleLogger(
-                run_dir, cfg.to_dict(), rank=info.rank, use_wandb=cfg.use_wandb,
+                run_dir, {**cfg.to_dict(), "resolved": resolved}, rank=info.rank, use_wandb=cfg.use_wandb,
                 wandb_project=cfg.wandb_project or default_wandb_project(cfg.mup),
                 wandb_entity=cfg.wandb_entity, wandb_run_name=cfg.wandb_run_name or cfg.run_name,
-                wandb_tags=tuple(cfg.wandb_tags), resume=continuing,
+                wandb_tags=tuple(cfg.wandb_tags), wandb_group=cfg.wandb_group, resume=continuing,
                 wandb_resume_id=resumed.get("wandb_run_id") if resumed else None)
         except FileExistsError as e:
             raise ConfigError(f"{e} (from the command line: add --resume auto to continue it)") from None
@@ -203,7 +227,8 @@ def run(cfg: TrainConfig) -> RunResult:
         log(f"python {sys.version.split()[0]} | torch {torch.__version__} | {platform.platform()}")
         log(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
             + f" | world size {info.world_size} | backend {info.backend or 'none (single process)'}")
-        log(f"data: {data.name} ({len(data.train_files)} train shard(s), {val_tokens:,} validation tokens)"
+        log(f"data: {data.name} ({len(data.train_files)} train shard(s), {val_tokens:,} validation tokens, "
+            f"vocabulary {data.vocab.name}: {data.vocab.size} ids, BOS {data.vocab.bos_id})"
             + (" -- no FineWeb shards found, using the embedded corpus" if data.is_embedded else ""))
 
         # model, muP, optimizers
@@ -231,7 +256,10 @@ def run(cfg: TrainConfig) -> RunResult:
             f"{cfg.seq_len} seq_len | {cfg.iterations} steps | val every {cfg.val_every}")
         log(f"attention: {'FlexAttention (compiled)' if device.type == 'cuda' else 'scaled_dot_product_attention with the same document-causal sliding-window mask (FlexAttention has no CPU backward)'}")
         log(f"fp8 lm_head: {fp8_mode} ({fp8_reason}) | compile: {use_compile} | dtype: "
-            f"{'bf16 activations' if device.type == 'cuda' else 'fp32'}")
+            f"{'bf16 activations' if device.type == 'cuda' else 'fp32'} | Muon Newton-Schulz in "
+            f"{resolved['ns_dtype']} ({'tensor cores' if device.type == 'cuda' else 'bf16 would be emulated on a CPU'})")
+        if cfg.lr_mult != 1.0:
+            log(f"lr-mult {cfg.lr_mult:g}: Adam LR {cfg.adam_lr * cfg.lr_mult:g}, Muon LR {cfg.muon_lr * cfg.lr_mult:g}")
         log(f"MFU: {'peak %.0f TFLOP/s (%s)' % (peak_flops / 1e12, peak_reason) if peak_flops else 'unavailable: ' + peak_reason}")
         if cfg.mup:
             log(f"muP: width {cfg.width} base {cfg.base_width} width_mult {cfg.width / cfg.base_width:g} | "
@@ -239,6 +267,9 @@ def run(cfg: TrainConfig) -> RunResult:
                 f"fp8 grad_s {model.lm_head.grad_s:.3e}")
             for line in mup.describe_rules().splitlines():
                 log("  " + line)
+            if cfg.mup_mistake:
+                log(f"muP NEGATIVE CONTROL --mup-mistake {cfg.mup_mistake}: {mup.MUP_MISTAKES[cfg.mup_mistake]} "
+                    "(a deliberately wrong muP; for experiments only)")
         else:
             log("parametrisation: standard (the record's); use --mup --base-width B for muP")
 
@@ -254,19 +285,21 @@ def run(cfg: TrainConfig) -> RunResult:
         train_model = torch.compile(model, dynamic=False) if use_compile else model
 
         train_loader = BatchLoader(data.train_files, cfg.seq_len, info.world_size * grad_accum, rank=info.rank,
-                                   world_size=info.world_size, device=device)
+                                   world_size=info.world_size, device=device, vocab=data.vocab)
         val_set = val_batches(data.val_files, cfg.val_seq_len, val_tokens, rank=info.rank,
-                              world_size=info.world_size, device=device)
+                              world_size=info.world_size, device=device, vocab=data.vocab)
 
         if cfg.warmup_steps > 0:
             _warmup_kernels(train_model, model, optimizers, train_loader, cfg, grad_accum, window_at, log)
 
         if data.is_embedded and info.is_main:
             # the whole validation set, not rank 0's share, so the baseline does not depend on the world size
-            whole_val = val_set if not info.distributed else val_batches(data.val_files, cfg.val_seq_len, val_tokens)
+            whole_val = val_set if not info.distributed else val_batches(data.val_files, cfg.val_seq_len, val_tokens,
+                                                                         vocab=data.vocab)
             result.unigram_entropy = unigram_entropy(_val_tokens(whole_val))
-            log(f"unigram entropy of the validation tokens: {result.unigram_entropy:.4f} nats "
-                f"(a model that learned anything beyond token frequencies beats it)")
+            log(f"unigram entropy of the validation {_unit(data.vocab)}s: {result.unigram_entropy:.4f} nats"
+                + (f" ({result.unigram_entropy / math.log(2):.4f} bits) per byte" if _is_bytes(data.vocab) else "")
+                + " (a model that learned anything beyond token frequencies beats it)")
 
         # ------------------------------------------------------------------------------------
         fpt_cache = {}
@@ -316,9 +349,11 @@ def run(cfg: TrainConfig) -> RunResult:
                 result.best_val_loss = min(result.best_val_loss, val_loss)
                 log(format_step_line(step, cfg.iterations, val_loss=val_loss, train_time_ms=training_time_ms,
                                      step_avg_ms=training_time_ms / max(step, 1)))
-                logger.log_metrics({"Loss/val_loss": val_loss, "Loss/val_perplexity": _ppl(val_loss),
-                                    "Loss/best_val_loss": result.best_val_loss,
-                                    "Time/training_time_ms": training_time_ms}, step=step)
+                val_metrics = {"Loss/val_loss": val_loss, "Loss/val_perplexity": _ppl(val_loss),
+                               "Loss/best_val_loss": result.best_val_loss, "Time/training_time_ms": training_time_ms}
+                if _is_bytes(data.vocab):  # the loss is already nats per byte
+                    val_metrics["Loss/val_bits_per_byte"] = val_loss / math.log(2)
+                logger.log_metrics(val_metrics, step=step)
                 _sync(device)
                 t0 = time.perf_counter()
             if last_step:
@@ -375,12 +410,14 @@ def run(cfg: TrainConfig) -> RunResult:
                         mlp_ratio=model.cfg.mlp_ratio, attn_layers=attn_layers,
                         window_tokens=window_tokens_per_layer(step), seq_len=cfg.seq_len)
                 flops_s = tok_s * fpt_cache[key]
+                if _is_bytes(data.vocab):
+                    metrics["Loss/train_bits_per_byte"] = train_loss / math.log(2)
                 metrics.update({
                     "Loss/train_perplexity": _ppl(train_loss),
                     "Time/training_time_ms": elapsed_ms, "Time/step_avg_ms": elapsed_ms / done,
                     "Time/total_time_s": time.perf_counter() - run_start,
                     "Optimization/lr": adam.param_groups[0]["initial_lr"] * factor,
-                    "Optimization/lr_factor": factor, "Optimization/muon_lr": cfg.muon_lr * factor,
+                    "Optimization/lr_factor": factor, "Optimization/muon_lr": cfg.muon_lr * cfg.lr_mult * factor,
                     "Optimization/momentum": muon.param_groups[0]["momentum"],
                     "Perf/tokens_per_second": tok_s, "Perf/flops_per_second": flops_s,
                     "Attention/long_window_tokens": 128 * window,
@@ -409,8 +446,11 @@ def run(cfg: TrainConfig) -> RunResult:
         if result.unigram_entropy is not None:
             summary["unigram_entropy"] = result.unigram_entropy
             verdict = "below" if result.final_val_loss < result.unigram_entropy else "NOT below"
-            log(f"final val_loss {result.final_val_loss:.4f} is {verdict} the unigram entropy "
-                f"{result.unigram_entropy:.4f} of the validation tokens")
+            per_byte = (f" ({result.final_val_loss / math.log(2):.4f} bits/byte, "
+                        f"{result.final_val_loss / result.unigram_entropy:.3f} x the unigram entropy)"
+                        if _is_bytes(data.vocab) else "")
+            log(f"final val_loss {result.final_val_loss:.4f}{per_byte} is {verdict} the unigram entropy "
+                f"{result.unigram_entropy:.4f} of the validation {_unit(data.vocab)}s")
         if coord is not None and info.is_main:
             path = coord.save(run_dir / "coord_check.jsonl", width=cfg.width, mup=cfg.mup)
             log(f"coordinate check: per-layer-type mean |x| of steps 0..{cfg.coord_check_steps - 1} in {path}")
@@ -463,6 +503,14 @@ def _metrics_bytes(run_dir: Path) -> int:
     """Length of metrics.jsonl now (the logger flushes every row); a resume cuts the file back to it."""
     path = run_dir / "metrics.jsonl"
     return path.stat().st_size if path.exists() else 0
+
+
+def _is_bytes(vocab: Vocab) -> bool:
+    return vocab.name == "bytes"
+
+
+def _unit(vocab: Vocab) -> str:
+    return "byte" if _is_bytes(vocab) else "token"
 
 
 def _ppl(loss: float) -> float:
