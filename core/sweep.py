@@ -127,14 +127,18 @@ def write_plan(sweep_dir: Path, plan: list[PlannedRun], base_width: int, train_a
 
 
 def run_state(sweep_dir: Path, name: str) -> str:
-    """done | failed | todo (never started, or interrupted: resumed with --resume auto)."""
+    """done | diverged (stopped by a non-finite loss: a result, not an error) | failed | todo (never started,
+    or interrupted: resumed with --resume auto)."""
     summary = sweep_dir / name / "summary.json"
     if summary.exists():
         try:
-            if "total_steps" in json.loads(summary.read_text()):
-                return "done"
+            keys = json.loads(summary.read_text())
         except ValueError:
-            pass
+            keys = {}
+        if "total_steps" in keys:
+            return "done"
+        if "nonfinite_step" in keys:
+            return "diverged"
     if (sweep_dir / f"{name}.failed").exists():
         return "failed"
     return "todo"
@@ -177,7 +181,7 @@ def run_sweep(sweep_dir: Path, plan: list[PlannedRun], base_width: int, train_ar
     counts = {"done": 0, "failed": 0, "skipped": 0, "stopped": 0}
     for r in plan:
         state = run_state(sweep_dir, r.name)
-        if state == "done" or (state == "failed" and not retry_failed):
+        if state in ("done", "diverged") or (state == "failed" and not retry_failed):
             counts["skipped"] += 1
             continue
         (sweep_dir / f"{r.name}.failed").unlink(missing_ok=True)
@@ -226,6 +230,10 @@ def _finish(sweep_dir: Path, r: PlannedRun, code: int, seconds: float, counts: d
         found = final_val_loss(sweep_dir / r.name)
         out.unlink(missing_ok=True)  # console.log has the same lines
         log(f"  done   {r.name} ({seconds:.0f}s): val_loss {found[0]:.4f}" if found else f"  done   {r.name}")
+    elif code == 4:  # train.py: a non-finite loss or gradient; at a too-high LR that is the result
+        counts["done"] += 1
+        out.unlink(missing_ok=True)
+        log(f"  diverged {r.name} ({seconds:.0f}s): non-finite loss, recorded as such")
     elif code == 3:  # SIGTERM: checkpointed; the next `run` resumes it
         counts["stopped"] += 1
         log(f"  stopped {r.name} (checkpointed; resumes on the next run of the sweep)")
@@ -276,9 +284,11 @@ def collect(sweep_dir: Path) -> list[dict]:
     rows = []
     for cfg_path in sorted(sweep_dir.glob("*/config.json")):
         run_dir = cfg_path.parent
-        if run_state(sweep_dir, run_dir.name) == "failed":
+        state = run_state(sweep_dir, run_dir.name)
+        if state == "failed":
             continue
-        found = final_val_loss(run_dir)
+        found = (float("nan"), json.loads((run_dir / "summary.json").read_text())["nonfinite_step"]) \
+            if state == "diverged" else final_val_loss(run_dir)
         if found is None:
             continue
         cfg = json.loads(cfg_path.read_text())
