@@ -17,15 +17,27 @@ with few tokens per step the step-2 sizes fall with width under muP and SP alike
 check" has the measurements). Hence the default of 4096 tokens per step. `--fixed-batch` repeats the first batch instead (microsoft/mup's `fix_data`),
 which removes that effect but measures memorisation of one batch from step ~5 on.
 
+What is measured, per layer type (averaged over layers and micro-batches): mean |x| of the embedding,
+attention, MLP and block (residual) outputs; `readout`, the lm_head output z = x W^T times the muP output
+multiplier; `logits`, z / soft-cap divisor, which is what enters 30 sigmoid(.) (under SP the divisor is
+7.5 sqrt(d), under muP 7.5 sqrt(d0)). The multi-width check also records `<type>_delta`, mean |x_t - x_0|:
+the change of that output since init on the same input (Tensor Programs: every layer's features must
+move by Theta(1)); it catches an embedding whose LR shrinks with width, which the size alone hides
+behind the N(0, 1) init.
+
 Verdict (microsoft/mup's coord check looks for ~flat curves): the slope of log(size) vs log(width),
-averaged over seeds, must stay within +-SLOPE_TOL for every hidden layer type at steps 1..N-1, and the
-logits must not grow with width. Step 0 is the init: zero-initialised outputs (attention/MLP
-projections, readout) are exactly zero there at every width, which passes trivially.
+averaged over seeds, must stay within +-SLOPE_TOL for every judged type at steps 1..N-1 (two-sided: a
+type that shrinks with width fails as one that grows does; `readout` is reported, not judged, since
+`logits` is what the loss sees). Step 0 is the init, where the zero-initialised outputs (attention/MLP
+projections, readout) are exactly zero; at step 1 the hidden ones still are (a zero readout gives the
+hidden layers a zero gradient at step 0). From step 2 on, a type that is exactly zero at every width
+FAILS: it is not learning, whatever its slope would be.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import statistics
@@ -39,10 +51,12 @@ import torch.nn as nn
 from core.attention import BLOCK_SIZE
 from core.model import sequence_len_ok
 
-LAYER_TYPES = ("embed", "attn", "mlp", "residual", "logits")
+LAYER_TYPES = ("embed", "attn", "mlp", "residual", "readout", "logits")
 HIDDEN_TYPES = ("embed", "attn", "mlp", "residual")
-SLOPE_TOL = 0.15          # ~ microsoft/mup's 1.2x per 4x width: log(1.2)/log(4) = 0.13
-LOGIT_GROWTH_TOL = 0.15   # logits "must not grow": slope <= this
+DELTA_TYPES = tuple(f"{k}_delta" for k in ("embed", "residual", "logits"))  # the others start at zero: delta = size
+INFO_TYPES = ("readout",)  # reported, not judged
+SLOPE_TOL = 0.15          # |slope| of log size vs log width; ~ microsoft/mup's 1.2x per 4x width: log(1.2)/log(4) = 0.13
+ZERO_OK_STEPS = 2         # steps 0 and 1 may be exactly zero (zero init; zero readout -> zero hidden gradient)
 
 
 class CoordRecorder:
@@ -52,6 +66,7 @@ class CoordRecorder:
         self.model = model
         self.rows: list[dict] = []
         self._sums: dict[str, list[torch.Tensor]] = {}
+        self._outputs: dict[str, list[torch.Tensor]] = {}  # kept outputs, for `_delta` types (keep=True)
 
     def _modules(self):
         m = self.model
@@ -61,19 +76,29 @@ class CoordRecorder:
                 yield "attn", block.attn
             yield "mlp", block.mlp
             yield "residual", block
-        yield "logits", m.lm_head  # pre-soft-cap logits, after the muP output multiplier
+        yield "readout", m.lm_head  # z = x W^T times the muP output multiplier (the `logits` hook divides it)
 
     @staticmethod
     def wants(step: int, every: int, steps: int) -> bool:
         return step < steps and step % every == 0
 
     @contextlib.contextmanager
-    def recording(self):
+    def recording(self, keep: bool = False):
+        """Record this forward's sizes; `keep` also keeps the outputs, for `delta_row` against another recorder."""
         self._sums = {t: [] for t in LAYER_TYPES}
+        self._outputs = {t: [] for t in LAYER_TYPES}
+        divisor = self.model.softcap_divisor
         handles = []
         for kind, module in self._modules():
             def hook(_mod, _inp, out, kind=kind):
-                self._sums[kind].append(out.detach().float().abs().mean())
+                size = out.detach().float().abs().mean()
+                self._sums[kind].append(size)
+                if kind == "readout":
+                    self._sums["logits"].append(size / divisor)  # what enters the soft-cap sigmoid
+                if keep:
+                    self._outputs[kind].append(out.detach().float())
+                    if kind == "readout":
+                        self._outputs["logits"].append(out.detach().float() / divisor)
             handles.append(module.register_forward_hook(hook))
         try:
             yield self
@@ -96,6 +121,16 @@ class CoordRecorder:
         self.rows.append({"step": step, **row})
         return {f"CoordCheck/{k}": v for k, v in row.items()}
 
+    def delta_row(self, init: "CoordRecorder") -> dict[str, float]:
+        """Mean |x_t - x_0| per DELTA_TYPES kind: this recorder's kept outputs against `init`'s on the same input."""
+        row = {}
+        for kind in (d[:-len("_delta")] for d in DELTA_TYPES):
+            mine, theirs = self._outputs.get(kind, []), init._outputs.get(kind, [])
+            if mine and len(mine) == len(theirs):
+                row[f"{kind}_delta"] = torch.stack([(a - b).abs().mean() for a, b in zip(mine, theirs)]).mean().item()
+        self.rows[-1].update(row)
+        return row
+
     def save(self, path: Path, **meta) -> Path:
         with open(path, "w") as f:
             for row in self.rows:
@@ -110,13 +145,17 @@ class CoordRecorder:
 # Multi-width check
 
 
-def check_config(width: int, base_width: int, use_mup: bool, seed: int, seq_len: int, depth: int, head_dim: int):
+def check_config(width: int, base_width: int, use_mup: bool, seed: int, seq_len: int, depth: int, head_dim: int,
+                 vocab=None, mistake: str | None = None):
     """One coordinate-check run: the CPU defaults (eager, no FP8), one packed sequence of `seq_len` tokens
-    per step, a constant LR (no cooldown within the few steps), spectral norms and activation hooks off."""
+    per step, a constant LR (no cooldown within the few steps), spectral norms and activation hooks off.
+    `vocab` (core.data.Vocab): the data's (None: GPT-2); `mistake`: a muP negative control (core/mup.py)."""
     from core.config import TrainConfig, resolve_defaults
     cfg = TrainConfig(width=width, depth=depth, head_dim=head_dim, seq_len=seq_len, batch_tokens=seq_len,
                       val_seq_len=seq_len, iterations=1000, cooldown_frac=0.0, seed=seed, mup=use_mup,
-                      base_width=base_width if use_mup else None, spectral_every=0, activations=False)
+                      base_width=base_width if use_mup else None, spectral_every=0, activations=False,
+                      vocab_size=vocab.size if vocab else None, bos_id=vocab.bos_id if vocab else None,
+                      mup_mistake=mistake)
     return resolve_defaults(cfg, "cpu", env={})
 
 
@@ -132,42 +171,50 @@ class _RepeatFirstBatch:
 
 def measure(widths: list[int], steps: int, seeds: list[int], *, use_mup: bool, seq_len: int = 256,
             depth: int = 4, head_dim: int = 32, fixed_batch: bool = False, orthogonalizer: str = "ns5",
-            device: str = "cpu", data_files=None, log=print) -> dict:
+            device: str = "cpu", data: str | None = None, mistake: str | None = None, log=print) -> dict:
     """{width: {seed: [ {type: size} per step ]}} for training `steps` steps at each width.
 
     Every width and seed sees the same batches: fresh ones each step as in training (default), or the
     first batch repeated (`fixed_batch`, the default of microsoft/mup's `_get_coord_data`).
     `orthogonalizer` "svd" swaps Muon's NS5 for the exact polar factor, to tell muP's effects from
-    NS5's approximation. The model runs eagerly (forward hooks do not fire in a compiled graph).
+    NS5's approximation. `data`: a built-in corpus (None: the default data; "embedded-bytes": the byte
+    proxy). `mistake`: a muP negative control. The model runs eagerly (forward hooks do not fire in a
+    compiled graph); a frozen copy of the initial model gives the `_delta` types on the same batches.
     """
     from core.data import BatchLoader, resolve_data
     from core.optimizers import ORTHOGONALIZERS
     from core.trainer import build_model, build_optimizer_pair, forward_backward, set_schedules
-    if data_files is None:
-        data_files = resolve_data(None).train_files
+    source = resolve_data(None, data=data)
     base = min(widths)
     out = {}
     for width in widths:
         out[width] = {}
         for seed in seeds:
-            cfg = check_config(width, base, use_mup, seed, seq_len, depth, head_dim)
+            cfg = check_config(width, base, use_mup, seed, seq_len, depth, head_dim, source.vocab, mistake)
             model = build_model(cfg, torch.device(device))
+            init_model = copy.deepcopy(model).eval()
             adam, muon, _ = build_optimizer_pair(model, cfg)
             muon.orthogonalize = ORTHOGONALIZERS[orthogonalizer]
-            loader = BatchLoader(data_files, seq_len, 1, device=device)
+            loader = BatchLoader(source.train_files, seq_len, 1, device=device, vocab=source.vocab)
             if fixed_batch:
                 loader = _RepeatFirstBatch(loader)
-            rec = CoordRecorder(model)
+            rec, rec0 = CoordRecorder(model), CoordRecorder(init_model)
             for step in range(steps):
-                with rec.recording():
-                    forward_backward(model, loader.next_step(), 1, 1)
+                batches = loader.next_step()
+                with rec.recording(keep=True):
+                    forward_backward(model, batches, 1, 1)
+                with rec0.recording(keep=True), torch.no_grad():
+                    for inputs, targets in batches:
+                        init_model(inputs, targets, 1)
                 rec.finish_step(step)
+                rec.delta_row(rec0)
                 set_schedules(cfg, [adam, muon], muon, step)
                 adam.step()
                 muon.step()
                 model.zero_grad(set_to_none=True)
-            out[width][seed] = [{k: r[k] for k in LAYER_TYPES if k in r} for r in rec.rows]
-        log(f"  {'muP' if use_mup else 'SP '} width {width}: done ({len(seeds)} seed(s) x {steps} steps)")
+            out[width][seed] = [{k: r[k] for k in LAYER_TYPES + DELTA_TYPES if k in r} for r in rec.rows]
+        name = "SP " if not use_mup else (f"muP + mistake {mistake}" if mistake else "muP")
+        log(f"  {name} width {width}: done ({len(seeds)} seed(s) x {steps} steps)")
     return out
 
 
@@ -176,7 +223,7 @@ def slopes(sizes: dict, steps: int) -> dict[str, list[float | None]]:
     widths = sorted(sizes)
     seeds = list(sizes[widths[0]])
     result = {}
-    for kind in LAYER_TYPES:
+    for kind in LAYER_TYPES + DELTA_TYPES:
         per_step = []
         for step in range(steps):
             seed_slopes = []
@@ -197,36 +244,40 @@ def slopes(sizes: dict, steps: int) -> dict[str, list[float | None]]:
 
 
 def verdict(slope_table: dict[str, list[float | None]]) -> dict[str, tuple[bool, float]]:
-    """{type: (passed, worst slope)} over steps >= 1."""
+    """{type: (passed, worst slope)} over steps >= 1: |slope| <= SLOPE_TOL at every step, and from step
+    ZERO_OK_STEPS on never exactly zero at every width (worst slope reported as nan then). INFO_TYPES pass."""
     out = {}
     for kind, per_step in slope_table.items():
+        if kind.endswith("_delta") and all(s is None for s in per_step):
+            continue  # not recorded (train.py --coord-check records sizes only)
+        zero_late = any(s is None for s in per_step[ZERO_OK_STEPS:])
         vals = [s for s in per_step[1:] if s is not None]
-        if not vals:
-            out[kind] = (True, 0.0)
-            continue
-        if kind == "logits":
-            worst = max(vals)
-            out[kind] = (worst <= LOGIT_GROWTH_TOL, worst)
-        else:
-            worst = max(vals, key=abs)
-            out[kind] = (abs(worst) <= SLOPE_TOL, worst)
+        worst = max(vals, key=abs) if vals else math.nan
+        ok = kind in INFO_TYPES or (not zero_late and bool(vals) and abs(worst) <= SLOPE_TOL)
+        out[kind] = (ok, math.nan if zero_late and kind not in INFO_TYPES else worst)
     return out
 
 
-def plot(results: dict[str, dict], steps: int, path: Path) -> Path:
+def _plotted_types(results: dict) -> list[str]:
+    present = {k for sizes in results.values() for per_seed in sizes.values() for rows in per_seed.values()
+               for row in rows for k in row}
+    return [k for k in LAYER_TYPES + DELTA_TYPES if k in present]
+
+
+def plot(results: dict, steps: int, path: Path) -> Path:
     """One panel per layer type and parametrisation: size vs width (log-log), one line per step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     params = list(results)
-    fig, axes = plt.subplots(len(params), len(LAYER_TYPES), figsize=(3.2 * len(LAYER_TYPES), 3.0 * len(params)),
-                             squeeze=False)
+    kinds = _plotted_types(results)
+    fig, axes = plt.subplots(len(params), len(kinds), figsize=(2.6 * len(kinds), 2.5 * len(params)), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for r, name in enumerate(params):
         sizes = results[name]
         widths = sorted(sizes)
         seeds = list(sizes[widths[0]])
-        for c, kind in enumerate(LAYER_TYPES):
+        for c, kind in enumerate(kinds):
             ax = axes[r][c]
             for step in range(steps):
                 ys = [statistics.fmean(sizes[w][s][step].get(kind, 0.0) for s in seeds) for w in widths]
@@ -234,56 +285,71 @@ def plot(results: dict[str, dict], steps: int, path: Path) -> Path:
                     ax.plot(widths, ys, marker="o", ms=3, color=cmap(step / max(steps - 1, 1)), label=f"t={step}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_title(f"{name}: {kind}", fontsize=9)
-            ax.set_xlabel("width", fontsize=8)
+            ax.set_title(f"{name}: {kind}", fontsize=8)
+            ax.set_xlabel("width", fontsize=7)
             if c == 0:
-                ax.set_ylabel("mean |x|", fontsize=8)
-            ax.tick_params(labelsize=7)
-    axes[0][-1].legend(fontsize=6, loc="best")
-    fig.suptitle("Coordinate check: activation size vs width (flat = width-independent)", fontsize=10)
+                ax.set_ylabel("mean |x|", fontsize=7)
+            ax.tick_params(labelsize=6)
+    axes[0][-1].legend(fontsize=5, loc="best")
+    fig.suptitle("Coordinate check: activation size vs width (flat = width-independent; _delta: change since init)",
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def run_check(widths: list[int], steps: int, seeds: list[int], out_dir: Path, *, log=print, **setup) -> dict:
-    """Both parametrisations; writes coord_check.png and coord_check.json; returns the verdicts.
+def parametrisations(mistakes: list[str] | None = None) -> list[tuple[str, bool, str | None]]:
+    """(name, use_mup, mistake): muP, SP, then one muP negative control per mistake."""
+    return [("muP", True, None), ("SP", False, None)] + [(f"mistake:{m}", True, m) for m in (mistakes or [])]
+
+
+def run_check(widths: list[int], steps: int, seeds: list[int], out_dir: Path, *, log=print,
+              mistakes: list[str] | None = None, **setup) -> dict:
+    """muP, SP and each negative control; writes coord_check.png and coord_check.json; returns the verdicts.
 
     `setup` holds measure()'s keyword arguments (seq_len, depth, head_dim, fixed_batch, orthogonalizer,
-    device); they are saved in the JSON so that every figure says how it was made.
+    device, data); they are saved in the JSON so that every figure says how it was made.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     results, report = {}, {}
-    for name, use_mup in (("muP", True), ("SP", False)):
-        results[name] = measure(widths, steps, seeds, use_mup=use_mup, log=log, **setup)
+    for name, use_mup, mistake in parametrisations(mistakes):
+        results[name] = measure(widths, steps, seeds, use_mup=use_mup, mistake=mistake, log=log, **setup)
         table = slopes(results[name], steps)
         report[name] = {"slopes": table, "verdict": verdict(table)}
     plot(results, steps, out_dir / "coord_check.png")
     with open(out_dir / "coord_check.json", "w") as f:
-        json.dump({"widths": widths, "steps": steps, "seeds": seeds, "setup": setup,
+        json.dump({"widths": widths, "steps": steps, "seeds": seeds, "setup": setup, "slope_tol": SLOPE_TOL,
                    "sizes": {n: {str(w): v for w, v in r.items()} for n, r in results.items()},
                    "report": report}, f, indent=1)
     return report
 
 
+def passed(verdicts: dict[str, tuple[bool, float]]) -> bool:
+    return all(ok for ok, _ in verdicts.values())
+
+
 def format_report(report: dict) -> str:
-    lines = [f"{'layer type':<10} " + "  ".join(f"{n + ' slope':>14} {'':<4}" for n in report)]
-    for kind in LAYER_TYPES:
+    kinds = [k for k in LAYER_TYPES + DELTA_TYPES if any(k in report[n]["verdict"] for n in report)]
+    lines = [f"{'layer type':<15} " + "  ".join(f"{n[:22]:>22} {'':<4}" for n in report)]
+    for kind in kinds:
         cells = []
         for name in report:
-            ok, worst = report[name]["verdict"][kind]
-            cells.append(f"{worst:>+14.3f} {'PASS' if ok else 'FAIL'}")
-        lines.append(f"{kind:<10} " + "  ".join(cells))
+            ok, worst = report[name]["verdict"].get(kind, (True, math.nan))
+            label = "info" if kind in INFO_TYPES else ("PASS" if ok else "FAIL")
+            cells.append(f"{worst:>+22.3f} {label}" if math.isfinite(worst) else f"{'zero':>22} {label}")
+        lines.append(f"{kind:<15} " + "  ".join(cells))
     for name in report:
-        ok = all(v[0] for v in report[name]["verdict"].values())
-        lines.append(f"{name}: {'PASS' if ok else 'FAIL'} (worst slope of log size vs log width over steps >= 1; "
-                     f"hidden must stay within +-{SLOPE_TOL}, logits must not exceed +{LOGIT_GROWTH_TOL})")
+        lines.append(f"{name}: {'PASS' if passed(report[name]['verdict']) else 'FAIL'} (worst slope of log size vs "
+                     f"log width over steps >= 1; every judged type must stay within +-{SLOPE_TOL} and must not be "
+                     f"exactly zero from step {ZERO_OK_STEPS} on; readout is reported only)")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m core.mup coord-check",
+def _parser() -> argparse.ArgumentParser:
+    from core.data import BUILTIN_CORPORA
+    from core.mup import MUP_MISTAKES
+    p = argparse.ArgumentParser(prog="python -m core.coord_check",
                                 description="Coordinate check of muP vs the standard parametrisation across widths.")
     p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--steps", type=int, default=10)
@@ -293,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
                         "enough tokens, see README 'Coordinate check'")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--data", choices=list(BUILTIN_CORPORA), default=None,
+                   help="a built-in corpus (default: FineWeb if present, else the embedded GPT-2 corpus)")
+    p.add_argument("--mistakes", nargs="*", default=[], choices=sorted(MUP_MISTAKES), metavar="MISTAKE",
+                   help=f"also check these muP negative controls (each must FAIL): {', '.join(sorted(MUP_MISTAKES))}")
     p.add_argument("--fixed-batch", action="store_true",
                    help="train every step on the first batch (microsoft/mup's fix_data) instead of fresh batches")
     p.add_argument("--orthogonalizer", choices=["ns5", "svd"], default="ns5",
@@ -300,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (default when available) or cpu")
     p.add_argument("--out-dir", default="logs/coord_check")
+    p.add_argument("--use-wandb", choices=["auto", "true", "false"], default="auto",
+                   help="log the figure and verdicts to a W&B run (auto: when an API key or WANDB_MODE is set)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     a = p.parse_args(argv)
     if len(a.widths) < 2:
         p.error("--widths needs at least two widths (the check fits a slope across widths)")
@@ -312,12 +389,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--seq-len {a.seq_len} must be a positive multiple of {BLOCK_SIZE} (the attention block size)")
     if a.device not in ("cpu", "cuda") or (a.device == "cuda" and not torch.cuda.is_available()):
         p.error(f"--device {a.device!r}: use cpu" + ("" if torch.cuda.is_available() else " (no CUDA device here)"))
-    report = run_check(sorted(a.widths), a.steps, list(range(a.seeds)), Path(a.out_dir), seq_len=a.seq_len,
+    out_dir = Path(a.out_dir)
+    report = run_check(sorted(a.widths), a.steps, list(range(a.seeds)), out_dir, seq_len=a.seq_len,
                        depth=a.depth, head_dim=a.head_dim, fixed_batch=a.fixed_batch,
-                       orthogonalizer=a.orthogonalizer, device=a.device)
-    print(format_report(report))
-    print(f"plots: {Path(a.out_dir) / 'coord_check.png'}  data: {Path(a.out_dir) / 'coord_check.json'}")
-    return 0 if all(v[0] for v in report["muP"]["verdict"].values()) else 1
+                       orthogonalizer=a.orthogonalizer, device=a.device, data=a.data, mistakes=a.mistakes)
+    text = format_report(report)
+    print(text)
+    print(f"plots: {out_dir / 'coord_check.png'}  data: {out_dir / 'coord_check.json'}")
+    if a.use_wandb != "false":
+        from core.logger import log_summary_run
+        log_summary_run(project="speedrun-mup", group=out_dir.name, name=f"{out_dir.name}-coord-check",
+                        images={"coord_check/figure": out_dir / "coord_check.png"},
+                        summary={f"verdict/{n}": "PASS" if passed(r["verdict"]) else "FAIL" for n, r in report.items()},
+                        required=a.use_wandb == "true")
+    return 0 if passed(report["muP"]["verdict"]) else 1
 
 
 if __name__ == "__main__":

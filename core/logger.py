@@ -546,3 +546,40 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"
 
+
+
+def log_summary_run(*, project: str, group: str, name: str, images: Mapping[str, Path] | None = None,
+                    tables: Mapping[str, tuple[list[str], list[list[Any]]]] | None = None,
+                    summary: Mapping[str, Any] | None = None, required: bool = False, log=print) -> str | None:
+    """One W&B run that carries a study's result (the transfer verdict, a coordinate check): figures as
+    `wandb.Image`, tables as `wandb.Table`, verdicts in the run summary; it joins `group`, so it sits beside
+    the sweep's runs on the dashboard. Returns the W&B mode it ran in, or None when it did not run.
+
+    Not `required` (--use-wandb auto), it runs only when W&B is configured (an API key or WANDB_MODE set);
+    without network it writes an offline run to `wandb sync` later. No W&B failure is ever raised."""
+    try:
+        import wandb  # lazy, as everywhere: importing wandb is slow
+    except ImportError:
+        if required:
+            log("W&B: wandb is not installed; no summary run")
+        return None
+    if not required and not (os.environ.get("WANDB_MODE") or _have_wandb_credentials()):
+        return None
+    mode = os.environ.get("WANDB_MODE") or ("online" if _have_wandb_credentials() else "offline")
+    if mode == "online" and _probe_wandb_host(5.0) is not None:
+        mode = "offline"
+    try:
+        run = wandb.init(project=project, group=group, name=name, job_type="summary", mode=mode,
+                         reinit="create_new", settings=wandb.Settings(init_timeout=30))
+        payload = {key: wandb.Image(str(path)) for key, path in (images or {}).items()}
+        for key, (columns, rows) in (tables or {}).items():
+            payload[key] = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+        run.log(payload)
+        for key, value in (summary or {}).items():
+            run.summary[key] = value
+        run.finish()
+        log(f"W&B: summary run {name!r} logged to {project}, group {group} ({mode})")
+        return mode
+    except Exception as e:  # noqa: BLE001 - W&B must never fail a study
+        log(f"W&B: summary run failed ({type(e).__name__}: {_first_line(e)}); the files on disk are complete")
+        return None

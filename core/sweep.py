@@ -401,7 +401,7 @@ def main(argv=None) -> int:
             return 3
         if a.no_collect:
             return 0
-    from core import transfer  # the verdict: numpy + matplotlib, only needed here
+    from core import transfer  # the verdict (numpy; matplotlib inside its plots)
     return transfer.main_collect(Path(a.sweep_dir), a.base_width, use_wandb=a.use_wandb if a.cmd == "collect" else "false")
 
 

@@ -2,12 +2,15 @@
 # Width x learning-rate sweep: does the optimal LR found at BASE_WIDTH stay optimal at every width?
 #   bash scripts/run_mup_width_group_scaling.sh BASE_WIDTH "TARGET_WIDTHS" [STEPS] [SEED]
 #   e.g. bash scripts/run_mup_width_group_scaling.sh 256 "512 768 1024 1536" 1000 1337
-# For every parametrisation in PARAMS, width in BASE + TARGETS, swept LR in SWEEP_LR and multiplier in
-# LR_MULTS, one run of train.py; then the runs are collected into sweep.csv and the transfer figure
-# (val loss vs LR, one curve per width, muP beside SP) and each width's optimal LR is printed.
-# Env (defaults): NPROC (GPUs or 1), LR_MULTS ("0.25 0.5 1 2 4", times the record's LR),
-#   SWEEP_LR ("adam muon": which LR to sweep, the other stays at its default), PARAMS ("mup sp"),
-#   SWEEP_DIR (logs/sweep_<timestamp>), EXTRA_ARGS (more train.py flags), WANDB_PROJECT (speedrun-mup-group).
+# For every parametrisation in PARAMS, swept LR in SWEEP_LR, multiplier in LR_MULTS, width in BASE + TARGETS
+# and seed in SEEDS, one run of train.py (core/sweep.py runs them, SWEEP_JOBS at a time, and resumes a killed
+# sweep where it was); then the transfer verdict (core/transfer.py): eta* per width with intervals, the drift
+# of the optimum with width, the regret of the base width's eta*, PASS/FAIL per parametrisation, the figures.
+# Env (defaults): NPROC (GPUs per run, or 1), SWEEP_JOBS (1: runs at once; one thread each on CPU, NPROC GPUs
+#   each on CUDA), LR_MULTS ("0.25 0.5 1 2 4", x the record's LR), SWEEP_LR ("adam muon"; "lr" sweeps
+#   --lr-mult), PARAMS ("mup sp"; also mistake:<name>:<swept>, core/mup.py MUP_MISTAKES), SEEDS (SEED),
+#   SWEEP_DIR (logs/sweep_<timestamp>), EXTRA_ARGS (more train.py flags), WANDB_PROJECT (speedrun-mup-group;
+#   every run of the sweep joins the W&B group named after SWEEP_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -20,31 +23,10 @@ if [ -z "${TARGETS// /}" ]; then
   echo "error: the list of target widths is empty: give at least one, e.g. \"512 768\"" >&2
   exit 2
 fi
-LR_MULTS=${LR_MULTS:-"0.25 0.5 1 2 4"}
-SWEEP_LR=${SWEEP_LR:-"adam muon"}
-PARAMS=${PARAMS:-"mup sp"}
 SWEEP_DIR=${SWEEP_DIR:-logs/sweep_$(date +%Y%m%d_%H%M%S)}
-WIDTHS="$BASE $TARGETS"
-# Validate every width before the first (expensive) run.
-$PYTHON -m core.sweep check-widths $WIDTHS ${EXTRA_ARGS:-}
-mkdir -p "$SWEEP_DIR"
-echo "sweep folder: $SWEEP_DIR"
-for param in $PARAMS; do
-  for which in $SWEEP_LR; do
-    for width in $WIDTHS; do
-      for mult in $LR_MULTS; do
-        lr=$($PYTHON -m core.sweep lr "$which" "$mult")
-        name="${param}_${which}_w${width}_lrx${mult}_s${SEED}"
-        if [ -f "$SWEEP_DIR/$name/summary.json" ]; then echo "skip $name (done)"; continue; fi
-        args=(--width "$width" --seed "$SEED" --"$which"-lr "$lr" --log-dir "$SWEEP_DIR" --run-name "$name"
-              --wandb-project "${WANDB_PROJECT:-speedrun-mup-group}")
-        [ "$param" = mup ] && args+=(--mup --base-width "$BASE")
-        [ -n "$STEPS" ] && args+=(--iterations "$STEPS")
-        echo "== $name"
-        launch "${args[@]}" ${EXTRA_ARGS:-} > "$SWEEP_DIR/$name.out" 2>&1 || echo "run $name failed: see $SWEEP_DIR/$name.out"
-        tail -n 2 "$SWEEP_DIR/$name.out"
-      done
-    done
-  done
-done
-$PYTHON -m core.sweep collect "$SWEEP_DIR" --base-width "$BASE"
+train_args=(${EXTRA_ARGS:-})
+[ -n "$STEPS" ] && train_args+=(--iterations "$STEPS")
+# core.sweep validates every width before the first (expensive) run, then runs and collects.
+exec $PYTHON -m core.sweep run "$SWEEP_DIR" --base-width "$BASE" --widths $BASE $TARGETS --seeds ${SEEDS:-$SEED} \
+  --params ${PARAMS:-mup sp} --swept ${SWEEP_LR:-adam muon} --lr-mults ${LR_MULTS:-0.25 0.5 1 2 4} \
+  --jobs "${SWEEP_JOBS:-1}" --nproc "$NPROC" --wandb-project "${WANDB_PROJECT:-speedrun-mup-group}" -- "${train_args[@]}"

@@ -1,7 +1,9 @@
-"""Sweep tooling: bad width lists stop before any run; collection, optimum report and figure from run folders."""
+"""Sweep tooling: bad width lists stop before any run; the runner runs N at a time, records a failed run
+and goes on, resumes a killed sweep where it was; collection writes the CSV, verdict.json and figures."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,34 +24,93 @@ def test_bad_width_lists_fail_before_training(tmp_path, targets, expect):
     assert not (tmp_path / "sw").exists()  # nothing started
 
 
-def fake_run(root: Path, name: str, *, width: int, mup: bool, adam_lr: float, loss: float):
+def test_plan_orders_seed_by_seed_from_the_default_lr_outward():
+    plan = sweep.make_plan(widths=[32, 64], seeds=[1, 2], params=["mup", "mistake:no-readout-mult:adam"],
+                           swept=["adam", "muon"], lr_mults=[0.25, 0.5, 1, 2, 4], mistake_seeds=[1])
+    assert len(plan) == 2 * (2 + 2) * 5 + 1 * 2 * 5  # muP: 2 seeds x 2 swept x 2 widths x 5; the mistake: 1 seed
+    assert [r.mult for r in plan[:6:2]] == [1, 0.5, 2]
+    assert {r.seed for r in plan[:30]} == {1} and plan[-1].seed == 2
+    mistake = [r for r in plan if r.param.startswith("mistake")]
+    assert {r.swept for r in mistake} == {"adam"}
+    assert mistake[0].train_args(32)[-7:] == ["--mup", "--base-width", "32", "--mup-mistake", "no-readout-mult",
+                                              "--adam-lr", "0.008"]
+    with pytest.raises(sweep.ConfigError, match="mistake"):
+        sweep.make_plan(widths=[32], seeds=[1], params=["mistake:typo:adam"], swept=["adam"], lr_mults=[1])
+
+
+FAKE_RUN = """
+import json, pathlib, sys, time
+args = sys.argv[1:]
+name, log_dir = args[args.index("--run-name") + 1], pathlib.Path(args[args.index("--log-dir") + 1])
+width, lr = int(args[args.index("--width") + 1]), float(args[args.index("--adam-lr") + 1])
+run = log_dir / name
+run.mkdir(parents=True, exist_ok=True)
+(log_dir / "started.txt").open("a").write(name + " " + str(time.time()) + "\\n")
+if width == 64 and lr > 0.01:
+    sys.exit("boom: a crashing run")
+time.sleep(0.6)
+(run / "config.json").write_text(json.dumps({"width": width, "mup": True, "adam_lr": lr, "muon_lr": 0.05, "seed": 1}))
+(run / "console.log").write_text({line!r} + "\\n")
+(run / "summary.json").write_text(json.dumps({"total_steps": 10}))
+"""
+
+
+def test_runner_runs_in_parallel_records_failures_and_resumes(tmp_path, monkeypatch):
+    line = format_step_line(10, 10, val_loss=2.5, train_time_ms=10, step_avg_ms=1)
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_RUN.replace("{line!r}", repr(line)))
+    monkeypatch.setattr(sweep, "_command", lambda r, b, t, d, n, p: [sys.executable, str(script), *r.train_args(b),
+                                                                      "--log-dir", str(d), "--run-name", r.name])
+    plan = sweep.make_plan(widths=[32, 64], seeds=[1], params=["mup"], swept=["adam"], lr_mults=[1, 2])
+    logs = []
+    t0 = time.perf_counter()
+    counts = sweep.run_sweep(tmp_path / "sw", plan, 32, [], jobs=2, log=logs.append)
+    assert time.perf_counter() - t0 < 4 * 0.6 + 2.5  # 3 sleeping runs, 2 at a time
+    assert counts == {"done": 3, "failed": 1, "skipped": 0, "stopped": 0}
+    failed = json.loads((tmp_path / "sw" / "mup_adam_w64_lrx2_s1.failed").read_text())
+    assert failed["exit_code"] == 1 and "boom" in failed["tail"][-1]
+    assert any("FAILED mup_adam_w64_lrx2_s1" in m and "goes on" in m for m in logs)
+    # a second run of the same sweep skips the done runs and the recorded failure...
+    again = sweep.run_sweep(tmp_path / "sw", plan, 32, [], jobs=2, log=logs.append)
+    assert again == {"done": 0, "failed": 0, "skipped": 4, "stopped": 0}
+    # ...and resumes an interrupted one (a folder without a finished summary)
+    (tmp_path / "sw" / "mup_adam_w32_lrx1_s1" / "summary.json").unlink()
+    third = sweep.run_sweep(tmp_path / "sw", plan, 32, [], jobs=1, log=logs.append)
+    assert third["done"] == 1 and third["skipped"] == 3
+    rows = sweep.collect(tmp_path / "sw")
+    assert sorted(r["status"] for r in rows) == ["done", "done", "done", "failed"]
+
+
+def fake_run(root: Path, name: str, *, width: int, mup: bool, adam_lr: float, loss: float, seed: int = 1):
     run = root / name
     run.mkdir(parents=True)
-    cfg = {"width": width, "mup": mup, "adam_lr": adam_lr, "muon_lr": sweep.DEFAULT_LR["muon"], "seed": 1}
+    cfg = {"width": width, "mup": mup, "adam_lr": adam_lr, "muon_lr": sweep.DEFAULT_LR["muon"], "seed": seed}
     (run / "config.json").write_text(json.dumps(cfg))
     lines = [format_step_line(0, 10, val_loss=11.0, train_time_ms=0, step_avg_ms=0),
              format_step_line(10, 10, val_loss=loss, train_time_ms=100, step_avg_ms=10)]
     (run / "console.log").write_text("\n".join(lines) + "\n")
 
 
-def test_collect_report_and_figure(tmp_path):
-    # muP: optimum at 2x for both widths; SP: the wider model's optimum moves down by two grid steps
-    grid = {0.5: 0, 1.0: 1, 2.0: 2, 4.0: 3}
-    for mult, i in grid.items():
-        lr = sweep.DEFAULT_LR["adam"] * mult
-        for w in (32, 128):
-            fake_run(tmp_path, f"mup_adam_w{w}_lrx{mult}", width=w, mup=True, adam_lr=lr, loss=5 + abs(i - 2) * 0.1)
-        fake_run(tmp_path, f"sp_adam_w32_lrx{mult}", width=32, mup=False, adam_lr=lr, loss=5 + abs(i - 2) * 0.1)
-        fake_run(tmp_path, f"sp_adam_w128_lrx{mult}", width=128, mup=False, adam_lr=lr, loss=5 + abs(i - 0) * 0.1)
+def test_collect_writes_csv_verdict_and_figures(tmp_path):
+    # muP: optimum at x2 at every width; SP: the optimum falls by a factor 2 per doubling of width
+    mults = [0.125, 0.25, 0.5, 1, 2, 4, 8]
+    for seed in (1, 2):
+        for mult in mults:
+            lr = sweep.DEFAULT_LR["adam"] * mult
+            for w in (32, 64, 128):
+                k = (w // 32).bit_length() - 1  # 0, 1, 2
+                x = __import__("math").log2(mult)
+                fake_run(tmp_path, f"mup_adam_w{w}_lrx{mult}_s{seed}", width=w, mup=True, adam_lr=lr, seed=seed,
+                         loss=3 - 0.05 * k + 0.05 * (x - 1) ** 2 + 0.001 * seed)
+                fake_run(tmp_path, f"sp_adam_w{w}_lrx{mult}_s{seed}", width=w, mup=False, adam_lr=lr, seed=seed,
+                         loss=3 - 0.05 * k + 0.05 * (x - 1 + k) ** 2 + 0.001 * seed)
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "config.json").write_text(json.dumps({"width": 64, "mup": True}))
-    rows = sweep.collect(tmp_path)
-    assert len(rows) == 16
-    best = sweep.optima(rows)
-    assert best[("muP", "adam")][32][0] == best[("muP", "adam")][128][0] == pytest.approx(0.016)
-    assert best[("SP", "adam")][128][0] == pytest.approx(0.004)
-    report = sweep.transfer_report(rows, 32)
-    assert "SHIFTED" in report.split("SP / adam")[1] and "SHIFTED" not in report.split("SP / adam")[0]
-    assert sweep.main(["collect", str(tmp_path), "--base-width", "32"]) == 0
-    assert (tmp_path / "sweep.csv").read_text().count("\n") == 17
-    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    assert sweep.main(["collect", str(tmp_path), "--base-width", "32", "--use-wandb", "false"]) == 0
+    assert (tmp_path / "sweep.csv").read_text().count("\n") == 1 + 2 * 7 * 3 * 2
+    verdict = json.loads((tmp_path / "verdict.json").read_text())
+    assert verdict["muP/adam"]["verdict"] == "PASS" and verdict["SP/adam"]["verdict"] == "FAIL"
+    assert verdict["SP/adam"]["drift"]["slope"] == pytest.approx(-1.0, abs=0.05)
+    assert verdict["muP/adam"]["eta_star"]["64"]["mean"] == pytest.approx(0.016, rel=0.05)
+    for png in ("transfer.png", "drift.png"):
+        assert (tmp_path / png).stat().st_size > 10_000

@@ -1,0 +1,88 @@
+"""The transfer verdict (core/transfer.py) on synthetic sweeps whose truth is known: it recovers a known
+eta* and a known drift through seed noise, passes a width-independent optimum and fails a drifting one."""
+import math
+
+import numpy as np
+import pytest
+
+from core import transfer
+
+WIDTHS = (32, 64, 128, 256)
+GRID = [2.0 ** k for k in range(-3, 4)]  # x 1/8 .. x 8 around a base LR of 1.0 (log2 LR = -3..3)
+
+
+def synthetic_rows(drift: float, seeds=(1, 2, 3), noise: float = 0.004, x0: float = 0.3, curvature: float = 0.06,
+                   gain_per_doubling: float = 0.05, param: str = "muP", swept: str = "adam", rng_seed: int = 0):
+    """Loss = L0(width) + curvature (log2 LR - x*(width))^2 + noise, x*(width) = x0 + drift log2(width/32)."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for w in WIDTHS:
+        x_star = x0 + drift * math.log2(w / WIDTHS[0])
+        for s in seeds:
+            offset = rng.normal(0, noise)  # a seed's whole curve moves a little, as real seeds do
+            for lr in GRID:
+                loss = 2.5 - gain_per_doubling * math.log2(w / WIDTHS[0]) + curvature * (math.log2(lr) - x_star) ** 2
+                rows.append({"parametrisation": param, "swept": swept, "width": w, "lr": lr, "lr_mult": lr,
+                             "seed": s, "final_val_loss": loss + offset + rng.normal(0, noise), "status": "done"})
+    return rows
+
+
+def test_quadratic_fit_finds_an_off_grid_optimum():
+    xs = np.arange(-3, 4, dtype=float)
+    fit = transfer.optimum(xs, 1.0 + 0.1 * (xs - 0.4) ** 2)
+    assert fit["x_star"] == pytest.approx(0.4, abs=1e-9) and not fit["edge"]
+    edge = transfer.optimum(xs, 1.0 + 0.1 * (xs - 5.0) ** 2)  # optimum beyond the grid: kept inside, flagged
+    assert edge["edge"] and edge["x_star"] <= 3.0
+
+
+def test_diverged_points_are_left_out_of_the_fit():
+    xs = np.arange(-3, 4, dtype=float)
+    ys = 1.0 + 0.1 * (xs - 0.0) ** 2
+    ys[-2:] = np.nan  # the two highest LRs diverged
+    fit = transfer.optimum(xs, ys)
+    assert math.isfinite(fit["x_star"]) and abs(fit["x_star"]) < 0.2
+
+
+def test_width_independent_optimum_passes_and_is_recovered():
+    v = transfer.analyse(synthetic_rows(drift=0.0), base_width=32)
+    assert v["verdict"] == "PASS", v["reasons"]
+    for w in WIDTHS:
+        e = v["eta_star"][str(w)]
+        assert e["log2_mean"] == pytest.approx(0.3, abs=0.15)
+        assert e["log2_low"] <= e["log2_mean"] <= e["log2_high"]
+    assert v["drift"]["low"] <= 0.0 <= v["drift"]["high"]
+    assert all(p["ok"] for p in v["wider_is_better"])
+
+
+@pytest.mark.parametrize("drift", [-0.5, 0.5, -1.0])
+def test_drifting_optimum_fails_with_its_drift_measured(drift):
+    v = transfer.analyse(synthetic_rows(drift=drift), base_width=32)
+    assert v["verdict"] == "FAIL"
+    assert v["drift"]["slope"] == pytest.approx(drift, abs=0.1)
+    assert v["drift"]["low"] <= drift + 0.1 and v["drift"]["high"] >= drift - 0.1
+    assert any("drift interval" in r for r in v["reasons"])
+
+
+def test_small_drift_inside_the_tolerance_passes():
+    assert transfer.analyse(synthetic_rows(drift=0.08), base_width=32)["verdict"] == "PASS"
+
+
+def test_regret_fails_a_sweep_whose_wider_models_gain_little():
+    # optimum moves one grid step at the widest width only (drift small overall) and wider barely helps
+    rows = synthetic_rows(drift=0.0, gain_per_doubling=0.002, curvature=0.08)
+    for r in rows:
+        if r["width"] == 256:
+            r["final_val_loss"] += 0.08 * ((math.log2(r["lr"]) - 1.3) ** 2 - (math.log2(r["lr"]) - 0.3) ** 2)
+    v = transfer.analyse(rows, base_width=32)
+    assert not v["regret"]["256"]["ok"] and v["verdict"] == "FAIL"
+
+
+def test_verdicts_keyed_by_parametrisation_and_swept_lr():
+    rows = synthetic_rows(0.0) + synthetic_rows(-0.5, param="SP") + synthetic_rows(0.0, swept="muon") \
+        + synthetic_rows(-1.0, param="mistake:no-readout-mult")
+    result = transfer.verdicts(rows, 32)
+    assert set(result) == {"muP/adam", "SP/adam", "muP/muon", "mistake:no-readout-mult/adam"}
+    assert [result[k]["verdict"] for k in ("muP/adam", "SP/adam", "muP/muon", "mistake:no-readout-mult/adam")] \
+        == ["PASS", "FAIL", "PASS", "FAIL"]
+    text = transfer.report(result)
+    assert "+-0.25" in text and "SP/adam: FAIL" in text and "muP/adam: PASS" in text
