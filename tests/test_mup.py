@@ -102,14 +102,30 @@ def test_initial_statistics_follow_the_rules(width):
     assert model.lm_head.output_mult == 64 / width
 
 
-def test_coordinate_check_passes_under_mup_and_fails_under_sp():
-    widths, steps, seeds = [32, 64, 128, 256], 5, [0]
-    kw = dict(seq_len=128, depth=2, head_dim=16, log=lambda *_: None)
-    mup_v = verdict(slopes(measure(widths, steps, seeds, use_mup=True, **kw), steps))
-    sp_v = verdict(slopes(measure(widths, steps, seeds, use_mup=False, **kw), steps))
-    assert all(ok for ok, _ in mup_v.values()), mup_v
-    assert not sp_v["logits"][0], sp_v          # SP logits grow with width
-    assert sp_v["logits"][1] > 0.3, sp_v
+MARGIN = 0.05  # the passing case clears SLOPE_TOL by this much, every failing case misses it by this much
+
+
+def test_coordinate_check_passes_mup_and_rejects_sp_and_every_mistake_with_a_margin():
+    """Byte proxy, widths 64-256, depth 2, 512 tokens/step, 3 seeds, steps 0-3: muP's worst judged slope stays
+    MARGIN inside +-SLOPE_TOL; SP and each muP mistake have a judged type MARGIN outside it, the one theory
+    names. (Widths from 32 fail muP's margin: the first readout update's sqrt(d) noise drops the step-1 logits
+    from width 32 to 64, slope -0.12 to -0.14, and is flat from 64 on; README "Coordinate check".)"""
+    widths, steps, seeds = [64, 128, 256], 4, [0, 1, 2]
+    kw = dict(seq_len=512, depth=2, head_dim=16, data="embedded-bytes", log=lambda *_: None)
+    tol = coord_check.SLOPE_TOL
+    results = {}
+    for name, use_mup, mistake in coord_check.parametrisations(sorted(mup.MUP_MISTAKES)):
+        results[name] = verdict(slopes(measure(widths, steps, seeds, use_mup=use_mup, mistake=mistake, **kw), steps))
+    judged = {k: v for k, v in results["muP"].items() if k not in coord_check.INFO_TYPES}
+    assert max(abs(s) for _, s in judged.values()) <= tol - MARGIN, results["muP"]
+    # the type that must reject each one, and the direction theory predicts
+    expect = {"SP": ("logits", +1), "mistake:no-readout-mult": ("logits", +1),
+              "mistake:readout-mult-squared": ("logits", -1), "mistake:muon-lr-over-m": ("attn", -1),
+              "mistake:embed-lr-over-m": ("embed_delta", -1)}
+    for name, (kind, sign) in expect.items():
+        ok, worst = results[name][kind]
+        assert not ok and sign * worst >= tol + MARGIN, (name, kind, results[name])
+        assert not coord_check.passed(results[name])
 
 
 def test_fixed_batch_repeats_the_first_batch_only():
@@ -181,3 +197,32 @@ def test_coordinate_check_runs_on_cuda_and_agrees_with_cpu_at_init():
         for kind in ("embed", "residual"):
             assert gpu[w][0][0][kind] == pytest.approx(cpu[w][0][0][kind], rel=2e-2)
         assert all(math.isfinite(v) for row in gpu[w][0] for v in row.values())
+
+
+def test_verdict_is_two_sided_and_fails_a_type_that_stays_zero():
+    flat = [0.0, 0.01, -0.02, 0.03]
+    base = {"embed": flat, "attn": [None, None, 0.05, -0.1], "mlp": [None, None, 0.1, 0.1], "residual": flat,
+            "readout": [None, 0.9, 0.9, 0.9], "logits": [None, 0.1, -0.1, 0.05]}
+    v = verdict(base)
+    assert coord_check.passed(v), v                             # zero at steps 0-1 is the zero init; readout: info
+    shrinking = verdict({**base, "logits": [None, -0.2, -0.3, -0.1]})
+    assert not shrinking["logits"][0] and shrinking["logits"][1] == -0.3   # shrinking fails like growing
+    dead = verdict({**base, "attn": [None, None, None, None]})
+    assert not dead["attn"][0] and math.isnan(dead["attn"][1])             # never learns: FAIL, not skipped
+    late = verdict({**base, "mlp": [None, None, 0.0, None]})
+    assert not late["mlp"][0]                                               # zero again at step 3: FAIL
+
+
+def test_logits_are_recorded_where_they_enter_the_soft_cap():
+    cfg = train_cfg(width=64, depth=2, seq_len=128, batch_tokens=128, val_seq_len=128)
+    model = build_model(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        model.lm_head.weight.normal_()
+    rec = coord_check.CoordRecorder(model)
+    from core.data import BatchLoader, resolve_data
+    (inputs, targets), = BatchLoader(resolve_data(None).train_files, 128, 1).next_step()
+    with rec.recording():
+        model(inputs, targets, 1)
+    row = rec.finish_step(0)
+    assert row["CoordCheck/logits"] == pytest.approx(row["CoordCheck/readout"] / model.softcap_divisor, rel=1e-6)
+    assert model.softcap_divisor == pytest.approx(7.5 * math.sqrt(64))  # SP: the width-dependent divisor
