@@ -279,12 +279,18 @@ def plot(results: dict, steps: int, path: Path) -> Path:
         seeds = list(sizes[widths[0]])
         for c, kind in enumerate(kinds):
             ax = axes[r][c]
+            plotted = []
             for step in range(steps):
                 ys = [statistics.fmean(sizes[w][s][step].get(kind, 0.0) for s in seeds) for w in widths]
                 if all(y > 0 for y in ys):
                     ax.plot(widths, ys, marker="o", ms=3, color=cmap(step / max(steps - 1, 1)), label=f"t={step}")
+                    plotted += ys
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            if plotted:  # at least a factor 4 on the y axis, so that a flat line looks flat
+                lo, hi = min(plotted), max(plotted)
+                mid, half = math.sqrt(lo * hi), max(math.sqrt(hi / lo), 2.0)
+                ax.set_ylim(mid / half / 1.1, mid * half * 1.1)
             ax.set_title(f"{name}: {kind}", fontsize=8)
             ax.set_xlabel("width", fontsize=7)
             if c == 0:
