@@ -9,6 +9,7 @@
 # Env (defaults): NPROC (GPUs per run, or 1), SWEEP_JOBS (1: runs at once; one thread each on CPU, NPROC GPUs
 #   each on CUDA), LR_MULTS ("0.25 0.5 1 2 4", x the record's LR), SWEEP_LR ("adam muon"; "lr" sweeps
 #   --lr-mult), PARAMS ("mup sp"; also mistake:<name>:<swept>, core/mup.py MUP_MISTAKES), SEEDS (SEED),
+#   MISTAKE_SEEDS (SEEDS: the seeds of the mistake:* runs),
 #   SWEEP_DIR (logs/sweep_<timestamp>), EXTRA_ARGS (more train.py flags), WANDB_PROJECT (speedrun-mup-group;
 #   every run of the sweep joins the W&B group named after SWEEP_DIR).
 set -euo pipefail
@@ -28,5 +29,6 @@ train_args=(${EXTRA_ARGS:-})
 [ -n "$STEPS" ] && train_args+=(--iterations "$STEPS")
 # core.sweep validates every width before the first (expensive) run, then runs and collects.
 exec $PYTHON -m core.sweep run "$SWEEP_DIR" --base-width "$BASE" --widths $BASE $TARGETS --seeds ${SEEDS:-$SEED} \
+  ${MISTAKE_SEEDS:+--mistake-seeds $MISTAKE_SEEDS} \
   --params ${PARAMS:-mup sp} --swept ${SWEEP_LR:-adam muon} --lr-mults ${LR_MULTS:-0.25 0.5 1 2 4} \
   --jobs "${SWEEP_JOBS:-1}" --nproc "$NPROC" --wandb-project "${WANDB_PROJECT:-speedrun-mup-group}" -- "${train_args[@]}"
