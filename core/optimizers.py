@@ -250,11 +250,16 @@ class Muon(torch.optim.Optimizer):
 class DistAdam(torch.optim.Optimizer):
     """Adam with bias correction whose state is sharded along dim 0 across ranks.
 
-    Math (per parameter, `lr = group lr * p.lr_mul`): the textbook Adam of torch.optim.Adam,
-    `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`, plus decoupled weight decay
-    `p *= 1 - lr * weight_decay * p.wd_mul`. (The reference adds eps to sqrt(v) before the bias
-    correction, i.e. an eps larger by 1/sqrt(1 - b2^t); with eps = 1e-10 the two agree to float
-    rounding, and this form lets the tests compare against torch.optim.Adam exactly.)
+    Math (per parameter, `lr = group lr * p.lr_mul`), as the reference record writes it:
+    `p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`, plus decoupled weight decay
+    `p *= 1 - lr * weight_decay * p.wd_mul`. The eps is added to sqrt(v) *before* the bias correction
+    (record 2025-07-12_BosAlign, `DistAdam.step`: `denom = exp_avg_sq.sqrt().add_(eps)`, then
+    `step_size = lr * sqrt(bias2) / bias1`). In bias-corrected terms that is
+    `m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t))`: an effective eps larger than torch.optim.Adam's
+    (`sqrt(v_hat) + eps`) by 1/sqrt(1 - b2^t), about 4.5x at step 1 with b2 = 0.95, tending to 1x. On an entry whose gradient is near zero (sqrt(v) ~ eps = 1e-10, which
+    happens for rarely seen embedding rows) the two rules give visibly different steps, so this
+    follows the record and is not torch.optim.Adam; the tests compare it with a reference written in
+    that form.
 
     Distributed (world_size > 1): gradients are reduce-scattered with AVG so rank r receives
     rows [r*s, (r+1)*s) of the averaged gradient, keeps Adam state for those rows only (about
@@ -295,8 +300,8 @@ class DistAdam(torch.optim.Optimizer):
         exp_avg_sq.mul_(beta2).addcmul_(g_shard, g_shard, value=1 - beta2)
         bias1 = 1 - beta1 ** t
         bias2_sqrt = math.sqrt(1 - beta2 ** t)
-        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(group["eps"])
-        p_shard.addcdiv_(exp_avg, denom, value=-lr / bias1)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])  # eps before the bias correction, as the record
+        p_shard.addcdiv_(exp_avg, denom, value=-lr * bias2_sqrt / bias1)
 
     @torch.no_grad()
     def step(self, closure=None):
