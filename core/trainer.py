@@ -21,7 +21,7 @@ import torch.nn as nn
 from core import mup
 from core.config import ConfigError, TrainConfig, grad_accum_steps, resolve_defaults, validate
 from core.data import GPT2_VOCAB, Vocab, declared_vocab
-from core.distributed import DistInfo, all_reduce_mean, broadcast_object, global_grad_norm, setup_distributed, teardown
+from core.distributed import DistInfo, all_reduce_mean, broadcast_object, setup_distributed, teardown
 from core.model import GPT, GPTConfig
 from core.optimizers import build_optimizers, ns_dtype, set_muon_momentum
 from core.schedule import lr_factor, window_blocks
@@ -373,14 +373,14 @@ def run(cfg: TrainConfig) -> RunResult:
                 logger.log_metrics(coord.finish_step(step), step=step)
             monitor.after_backward(done)
             bad = guard.check(done, loss_sum / (grad_accum * cfg.seq_len))  # device flag, no host sync
-            # with several ranks the monitor's grad norm is this rank's local one: log the averaged gradient's
-            grad_norm_t = (global_grad_norm(model.parameters(), info)
-                           if info.distributed and monitor.is_log_step(done) else None)
             factor = set_schedules(cfg, optimizers, muon, step)
             monitor.before_optimizer(done)
             guard.snapshot()  # --nan-policy skip only: copy weights + state to put back if `bad`
             for opt in optimizers:
                 opt.step()
+            # several ranks: agree on `bad`, and at log steps the averaged gradient's norm from the optimizers'
+            # shards (the monitor's own is this rank's local one), in one small all-reduce (core/guard.py)
+            bad, grad_norm_t = guard.agree(bad, optimizers, want_grad_norm=monitor.is_log_step(done))
             guard.restore(bad)
             monitor.after_optimizer(done)
             model.zero_grad(set_to_none=True)
