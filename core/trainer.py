@@ -148,7 +148,7 @@ class RunResult:
 
 def run(cfg: TrainConfig) -> RunResult:
     from core.data import BatchLoader, resolve_data, unigram_entropy, val_batches
-    from core.fp8 import resolve_fp8_mode
+    from core.fp8 import fallback_warning as fp8_fallback_warning, resolve_fp8_mode
     from core.logger import SimpleLogger, default_wandb_project, format_step_line, make_run_name
     from core.mfu import detect_peak_flops, flops_per_token
     from core.monitor import TrainingMonitor
@@ -168,7 +168,8 @@ def run(cfg: TrainConfig) -> RunResult:
         resume_path, resumed = ckpt_io.resolve_resume(cfg, notes.append)
         config_changes = ckpt_io.check_compatible(resumed, cfg, resume_path) if resumed is not None else []
         grad_accum = grad_accum_steps(cfg, info.world_size)
-        fp8_mode, fp8_reason = resolve_fp8_mode(cfg.fp8, device)
+        fp8_mode, fp8_reason = resolve_fp8_mode(cfg.fp8, device)  # --fp8 on where FP8 cannot run: exit 2
+        fp8_warning = fp8_fallback_warning(cfg.fp8, fp8_mode, device)
         use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
 
         # data first: bad shards fail before any model is built (rank 0 builds the embedded cache)
@@ -199,7 +200,7 @@ def run(cfg: TrainConfig) -> RunResult:
                              "interrupted attempt; this run logs those steps again")
         # what "auto" resolved to on this machine, next to the flags, in config.json and the W&B config
         resolved = {"device": str(device), "world_size": info.world_size, "grad_accum": grad_accum,
-                    "fp8_mode": fp8_mode, "compile": use_compile, "ns_dtype": str(ns_dtype(device)).replace("torch.", ""),
+                    "fp8_mode": fp8_mode, "fp8_reason": fp8_reason, "compile": use_compile, "ns_dtype": str(ns_dtype(device)).replace("torch.", ""),
                     "vocab": data.vocab.name}
         try:
             logger = SimpleLogger(
@@ -260,6 +261,9 @@ def run(cfg: TrainConfig) -> RunResult:
             f"{resolved['ns_dtype']} ({'tensor cores' if device.type == 'cuda' else 'bf16 would be emulated on a CPU'})")
         if cfg.lr_mult != 1.0:
             log(f"lr-mult {cfg.lr_mult:g}: Adam LR {cfg.adam_lr * cfg.lr_mult:g}, Muon LR {cfg.muon_lr * cfg.lr_mult:g}")
+        if fp8_warning:  # a GPU with FP8 tensor cores whose FP8 probe failed: say it where nobody can miss it
+            log(fp8_warning)
+            print(fp8_warning, file=sys.stderr, flush=True)
         log(f"MFU: {'peak %.0f TFLOP/s (%s)' % (peak_flops / 1e12, peak_reason) if peak_flops else 'unavailable: ' + peak_reason}")
         if cfg.mup:
             log(f"muP: width {cfg.width} base {cfg.base_width} width_mult {cfg.width / cfg.base_width:g} | "
