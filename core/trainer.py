@@ -90,7 +90,9 @@ def window_tensor(blocks: int, device: torch.device) -> torch.Tensor:
     """The window as a cached 0-dim tensor: a compiled model sees a tensor, not a new int, so no recompile."""
     key = (blocks, str(device))
     if key not in _window_tensors:
-        _window_tensors[key] = torch.tensor(blocks, dtype=torch.int32, device=device)
+        # pinned + non_blocking, as the record's get_window_size_blocks_helper: no host sync when the window grows
+        host = torch.tensor(blocks, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+        _window_tensors[key] = host.to(device, non_blocking=True)
     return _window_tensors[key]
 
 
@@ -124,10 +126,10 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def memory_metrics(device: torch.device) -> dict[str, float]:
-    if device.type == "cuda":
-        return {"Hardware/peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                "Hardware/reserved_memory_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+def memory_metrics(device: torch.device, peaks=None) -> dict[str, float]:
+    if device.type == "cuda":  # peaks (core.memory.PhasePeaks) resets the allocator's peak at phase changes
+        return {"Hardware/peak_memory_mb": peaks.peak_so_far_mib() if peaks else torch.cuda.max_memory_allocated(device) / 2**20,
+                "Hardware/reserved_memory_mb": peaks.reserved_so_far_mib() if peaks else torch.cuda.max_memory_reserved(device) / 2**20}
     # ru_maxrss is in KiB on Linux: the process's peak resident memory
     return {"Hardware/peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -151,6 +153,7 @@ def run(cfg: TrainConfig) -> RunResult:
     from core.fp8 import fallback_warning as fp8_fallback_warning, resolve_fp8_mode
     from core.logger import SimpleLogger, default_wandb_project, format_step_line, make_run_name
     from core.mfu import detect_peak_flops, flops_per_token
+    from core.memory import PhasePeaks, allocator_note
     from core.monitor import TrainingMonitor
     from core.coord_check import CoordRecorder
     from core import checkpoint as ckpt_io
@@ -264,6 +267,8 @@ def run(cfg: TrainConfig) -> RunResult:
         if fp8_warning:  # a GPU with FP8 tensor cores whose FP8 probe failed: say it where nobody can miss it
             log(fp8_warning)
             print(fp8_warning, file=sys.stderr, flush=True)
+        if device.type == "cuda":
+            log(allocator_note())
         log(f"MFU: {'peak %.0f TFLOP/s (%s)' % (peak_flops / 1e12, peak_reason) if peak_flops else 'unavailable: ' + peak_reason}")
         if cfg.mup:
             log(f"muP: width {cfg.width} base {cfg.base_width} width_mult {cfg.width / cfg.base_width:g} | "
@@ -293,7 +298,9 @@ def run(cfg: TrainConfig) -> RunResult:
         val_set = val_batches(data.val_files, cfg.val_seq_len, val_tokens, rank=info.rank,
                               world_size=info.world_size, device=device, vocab=data.vocab)
 
+        peaks = PhasePeaks(device)  # peak memory per phase, in the log at the end (core/memory.py)
         if cfg.warmup_steps > 0:
+            peaks.switch("warmup")
             _warmup_kernels(train_model, model, optimizers, train_loader, cfg, grad_accum, window_at, log)
 
         if data.is_embedded and info.is_main:
@@ -347,6 +354,7 @@ def run(cfg: TrainConfig) -> RunResult:
             if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0):
                 _sync(device)
                 training_time_ms += 1000 * (time.perf_counter() - t0)
+                peaks.switch("val")
                 val_loss = evaluate(train_model, val_set, window_at(step), info).item()
                 result.val_losses.append((step, val_loss))
                 result.final_val_loss = val_loss
@@ -371,6 +379,7 @@ def run(cfg: TrainConfig) -> RunResult:
             # forward hooks added after torch.compile traced the model never fire (core/monitor.py): steps that
             # measure activations or record the coordinate check run the eager module
             step_model = model if recording else monitor.module_for(done, train_model)
+            peaks.switch("train_eager" if step_model is not train_model else "train")  # eager steps of a compiled run
             with monitor.activation_hooks(done), (coord.recording() if recording else _null()):
                 loss_sum = forward_backward(step_model, batches, window, grad_accum)
             if recording:
@@ -425,7 +434,7 @@ def run(cfg: TrainConfig) -> RunResult:
                     "Optimization/momentum": muon.param_groups[0]["momentum"],
                     "Perf/tokens_per_second": tok_s, "Perf/flops_per_second": flops_s,
                     "Attention/long_window_tokens": 128 * window,
-                    **memory_metrics(device)})
+                    **memory_metrics(device, peaks)})
                 if peak_flops:
                     metrics["Perf/mfu"] = flops_s / (peak_flops * info.world_size)
                 logger.log_metrics(metrics, step=done)
@@ -458,9 +467,11 @@ def run(cfg: TrainConfig) -> RunResult:
         if coord is not None and info.is_main:
             path = coord.save(run_dir / "coord_check.jsonl", width=cfg.width, mup=cfg.mup)
             log(f"coordinate check: per-layer-type mean |x| of steps 0..{cfg.coord_check_steps - 1} in {path}")
+        peaks.end()
+        log(peaks.summary())
+        summary.update({f"peak_memory_mib/{phase}": mib for phase, mib in peaks.peaks_mib.items()})
         if device.type == "cuda":
-            log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
-                f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
+            log(f"peak memory allocated: {peaks.run_peak_mib:.0f} MiB reserved: {peaks.run_reserved_mib:.0f} MiB")
         logger.set_summary(summary)
         logger.close()
         return result
