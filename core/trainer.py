@@ -150,7 +150,7 @@ class RunResult:
 
 def run(cfg: TrainConfig) -> RunResult:
     from core.data import BatchLoader, resolve_data, unigram_entropy, val_batches
-    from core.fp8 import fallback_warning as fp8_fallback_warning, resolve_fp8_mode
+    from core.fp8 import fallback_warning as fp8_fallback_warning, grad_scale_for_accumulation as fp8_grad_scale, resolve_fp8_mode
     from core.logger import SimpleLogger, default_wandb_project, format_step_line, make_run_name
     from core.mfu import detect_peak_flops, flops_per_token
     from core.memory import PhasePeaks, allocator_note
@@ -237,6 +237,7 @@ def run(cfg: TrainConfig) -> RunResult:
 
         # model, muP, optimizers
         model = build_model(cfg, device, fp8_mode)
+        model.lm_head.grad_s = fp8_grad_scale(model.lm_head.grad_s, grad_accum)  # e5m2 range as on the record's ranks
         if info.distributed:
             for p in model.parameters():
                 torch.distributed.broadcast(p.detach(), 0)
