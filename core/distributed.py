@@ -131,12 +131,17 @@ def sharded_grad_sq(optimizers, device: torch.device) -> torch.Tensor:
     empty slots of a short Muon chunk are zeros or absent, so they add nothing.
     """
     shards = [g for opt in optimizers for g in getattr(opt, "averaged_grad_shards", ())]
-    for opt in optimizers:
-        if hasattr(opt, "averaged_grad_shards"):
-            opt.averaged_grad_shards = []
+    drop_grad_shards(optimizers)
     if not shards:
         return torch.zeros((), device=device)
     return torch.stack(torch._foreach_norm(shards, 2, dtype=torch.float32)).square().sum()
+
+
+def drop_grad_shards(optimizers) -> None:
+    """Forget the optimizers' averaged-gradient shards (so their memory is free before the next backward)."""
+    for opt in optimizers:
+        if getattr(opt, "averaged_grad_shards", None):
+            opt.averaged_grad_shards = []
 
 
 @torch.no_grad()

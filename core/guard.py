@@ -218,9 +218,13 @@ class NonFiniteGuard:
         """
         if not self.distributed:
             return bad, None
-        from core.distributed import sharded_grad_sq
+        from core.distributed import drop_grad_shards, sharded_grad_sq
         step, flags, loss = self._pending
-        sq = sharded_grad_sq(optimizers, self.device) if want_grad_norm else flags.new_zeros(())
+        if want_grad_norm:
+            sq = sharded_grad_sq(optimizers, self.device)
+        else:  # the norm only at log steps; the shards are dropped either way, so they never outlive the step
+            drop_grad_shards(optimizers)
+            sq = flags.new_zeros(())
         packed = torch.cat([flags, sq.float().reshape(1)])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)  # flags: > 0 iff some rank flagged the group
         self._pending = None
