@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [*base, "--iterations", str(steps), "--log-every", str(max(1, steps // 6)), "--val-every", "0",
               "--spectral-every", "0", "--use-wandb", "false", "--warmup-steps", "1" if dry else "3"]
     # seconds each section may take at most (the budget caps the sum): compile dominates the training runs
-    want = {"gpu_tests": 90, "fp8_on": 180, "fp8_off": 150, "coord_check": 90}
+    want = {"gpu_tests": 120, "fp8_on": 150, "fp8_off": 130, "coord_check": 80}
     results = {"dry_run": dry, "machine": platform.node(), "python": sys.version.split()[0]}
     t0 = time.perf_counter()
     results["gpu_tests"] = gpu_tests_section(dry, want["gpu_tests"], budget, log_dir)
