@@ -56,6 +56,8 @@ GPU_TRAIN = ["--device", "cuda", "--val-tokens", str(4 * 64 * 1024)]
 
 
 def child_train(out_json: str, train_args: list[str]) -> int:
+    from core.memory import configure_cuda_allocator
+    configure_cuda_allocator()  # as train.py does, before torch loads
     import torch
     from torch._dynamo.utils import counters
 

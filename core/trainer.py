@@ -454,9 +454,14 @@ def run(cfg: TrainConfig) -> RunResult:
                     raise StopRequested(stop_signal, done, str(saved_path))
 
         _sync(device)
+        peaks.end()
+        log(peaks.summary())
+        if device.type == "cuda":
+            log(f"peak memory allocated: {peaks.run_peak_mib:.0f} MiB reserved: {peaks.run_reserved_mib:.0f} MiB")
         summary = {"best_val_loss": result.best_val_loss, "final_val_loss": result.final_val_loss,
                    "total_steps": cfg.iterations, "total_time_s": time.perf_counter() - run_start,
-                   "training_time_ms": training_time_ms}
+                   "training_time_ms": training_time_ms,
+                   **{f"peak_memory_mib/{phase}": mib for phase, mib in peaks.peaks_mib.items()}}
         if result.unigram_entropy is not None:
             summary["unigram_entropy"] = result.unigram_entropy
             verdict = "below" if result.final_val_loss < result.unigram_entropy else "NOT below"
@@ -468,11 +473,6 @@ def run(cfg: TrainConfig) -> RunResult:
         if coord is not None and info.is_main:
             path = coord.save(run_dir / "coord_check.jsonl", width=cfg.width, mup=cfg.mup)
             log(f"coordinate check: per-layer-type mean |x| of steps 0..{cfg.coord_check_steps - 1} in {path}")
-        peaks.end()
-        log(peaks.summary())
-        summary.update({f"peak_memory_mib/{phase}": mib for phase, mib in peaks.peaks_mib.items()})
-        if device.type == "cuda":
-            log(f"peak memory allocated: {peaks.run_peak_mib:.0f} MiB reserved: {peaks.run_reserved_mib:.0f} MiB")
         logger.set_summary(summary)
         logger.close()
         return result
