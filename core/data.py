@@ -563,7 +563,8 @@ class BatchLoader:
     least `seq_len` tokens later (the tail of a document that would not fit is skipped); otherwise sequences
     are consecutive. Input ranges never overlap (a target may be the next sequence's first input, as in the
     reference). All sequences of a step come from one shard; the loader moves to the next shard when fewer
-    than one maximal batch span is left, as the record does (`_starts_in_shard`). After the last shard it wraps to the first and increments `epoch`.
+    than one maximal batch span is left, as the record does (`_starts_in_shard`). After the last shard it
+    wraps to the first and increments `epoch`.
     """
 
     def __init__(self, files: Sequence[str | Path], seq_len: int, micro_batches_per_step: int, rank: int = 0,

@@ -262,10 +262,10 @@ class DistAdam(torch.optim.Optimizer):
     (record 2025-07-12_BosAlign, `DistAdam.step`: `denom = exp_avg_sq.sqrt().add_(eps)`, then
     `step_size = lr * sqrt(bias2) / bias1`). In bias-corrected terms that is
     `m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t))`: an effective eps larger than torch.optim.Adam's
-    (`sqrt(v_hat) + eps`) by 1/sqrt(1 - b2^t), about 4.5x at step 1 with b2 = 0.95, tending to 1x. On an entry whose gradient is near zero (sqrt(v) ~ eps = 1e-10, which
-    happens for rarely seen embedding rows) the two rules give visibly different steps, so this
-    follows the record and is not torch.optim.Adam; the tests compare it with a reference written in
-    that form.
+    (`sqrt(v_hat) + eps`) by 1/sqrt(1 - b2^t), about 4.5x at step 1 with b2 = 0.95, tending to 1x.
+    On an entry whose gradient is near zero (sqrt(v) ~ eps = 1e-10, which happens for rarely seen
+    embedding rows) the two rules give visibly different steps, so this follows the record and is
+    not torch.optim.Adam; the tests compare it with a reference written in that form.
 
     Distributed (world_size > 1): gradients are reduce-scattered with AVG so rank r receives
     rows [r*s, (r+1)*s) of the averaged gradient, keeps Adam state for those rows only (about

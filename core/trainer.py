@@ -127,9 +127,12 @@ def _sync(device: torch.device):
 
 
 def memory_metrics(device: torch.device, peaks=None) -> dict[str, float]:
-    if device.type == "cuda":  # peaks (core.memory.PhasePeaks) resets the allocator's peak at phase changes
-        return {"Hardware/peak_memory_mb": peaks.peak_so_far_mib() if peaks else torch.cuda.max_memory_allocated(device) / 2**20,
-                "Hardware/reserved_memory_mb": peaks.reserved_so_far_mib() if peaks else torch.cuda.max_memory_reserved(device) / 2**20}
+    if device.type == "cuda" and peaks is not None:  # PhasePeaks resets the allocator's peak at phase changes
+        return {"Hardware/peak_memory_mb": peaks.peak_so_far_mib(),
+                "Hardware/reserved_memory_mb": peaks.reserved_so_far_mib()}
+    if device.type == "cuda":
+        return {"Hardware/peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "Hardware/reserved_memory_mb": torch.cuda.max_memory_reserved(device) / 2**20}
     # ru_maxrss is in KiB on Linux: the process's peak resident memory
     return {"Hardware/peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -150,7 +153,8 @@ class RunResult:
 
 def run(cfg: TrainConfig) -> RunResult:
     from core.data import BatchLoader, resolve_data, unigram_entropy, val_batches
-    from core.fp8 import fallback_warning as fp8_fallback_warning, grad_scale_for_accumulation as fp8_grad_scale, resolve_fp8_mode
+    from core.fp8 import fallback_warning as fp8_fallback_warning, resolve_fp8_mode
+    from core.fp8 import grad_scale_for_accumulation as fp8_grad_scale
     from core.logger import SimpleLogger, default_wandb_project, format_step_line, make_run_name
     from core.mfu import detect_peak_flops, flops_per_token
     from core.memory import PhasePeaks, allocator_note
