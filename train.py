@@ -26,12 +26,16 @@ Exit codes (so that sweep and job scripts can tell what happened):
 """
 import sys
 
-from core.config import ConfigError, parse_args
+from core.memory import configure_cuda_allocator
 
 EXIT_BAD_INPUT = 2
 
 
 def main(argv=None) -> int:
+    # Before anything touches CUDA: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, as the record sets it
+    # before torch starts, unless the user has an allocator config of their own (core/memory.py says why).
+    configure_cuda_allocator()
+    from core.config import ConfigError, parse_args
     cfg = parse_args(argv)  # argparse exits with 2 itself on an unknown flag or a malformed value
     # heavy imports only after the flags parsed
     from core.data import DataError

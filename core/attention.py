@@ -81,15 +81,30 @@ def dense_mask(docs: Tensor, window_blocks: Tensor | int) -> Tensor:
     return create_mask(document_causal_window(docs, window_blocks), None, None, T, T, device=docs.device)[0, 0]
 
 
-_compiled_flex = None
+_compiled_flex = None  # torch.compile(flex_attention), created on the first eager call (never at import)
 
 
-def _flex(q, k, v, block_mask, scale):
-    # FlexAttention is only fused (and memory-efficient) when compiled; compile once, lazily.
+def compiled_flex_attention():
+    """flex_attention wrapped in torch.compile, created once outside any trace.
+
+    FlexAttention is only fused (and memory-efficient) when compiled; eager flex_attention materialises
+    the (T, T) scores, about 6 x 49k^2 fp32 values per layer at 48k tokens: an out-of-memory on any GPU.
+    """
     global _compiled_flex
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+    return _compiled_flex
+
+
+def _flex(q, k, v, block_mask, scale):
+    if torch.compiler.is_compiling():
+        # Inside a compiled model dynamo captures flex_attention itself as a fused higher-order op (what the
+        # record does). A torch.compile call here would be a no-op under the trace that hands back the plain
+        # flex_attention, and storing that would send every later *eager* forward (coordinate-check and
+        # activation-monitor steps run the eager module) down the unfused path (issue 13 item 1). So the
+        # lazy compile happens only outside a trace, as zeropower_via_newtonschulz5 does.
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    return compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | Tensor, scale: float) -> Tensor:

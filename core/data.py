@@ -562,8 +562,9 @@ class BatchLoader:
     together. With `align_to_bos` each sequence starts at a BOS and the next one starts at the first BOS at
     least `seq_len` tokens later (the tail of a document that would not fit is skipped); otherwise sequences
     are consecutive. Input ranges never overlap (a target may be the next sequence's first input, as in the
-    reference). All sequences of a step come from one shard; what is left of a shard that cannot hold a full
-    step is skipped. After the last shard it wraps to the first and increments `epoch`.
+    reference). All sequences of a step come from one shard; the loader moves to the next shard when fewer
+    than one maximal batch span is left, as the record does (`_starts_in_shard`). After the last shard it
+    wraps to the first and increments `epoch`.
     """
 
     def __init__(self, files: Sequence[str | Path], seq_len: int, micro_batches_per_step: int, rank: int = 0,
@@ -606,8 +607,20 @@ class BatchLoader:
         return self._tokens
 
     def _starts_in_shard(self, pos: int) -> tuple[list[int], int] | None:
-        """The step's start positions in the loaded shard from `pos`, and the position after them; None if it ends."""
+        """The step's start positions in the loaded shard from `pos`, and the position after them; None if the
+        loader moves on to the next shard.
+
+        When to move on follows the record (2025-07-12_BosAlign, `distributed_data_generator`): as soon as fewer
+        than one maximal batch span + 1 tokens are left after `pos` (the span is 2 x the step's tokens with BOS
+        alignment, which leaves room for the skipped document tails, else 1 x), even if the step would still
+        fit; so the batch sequence matches the record's across shard changes. Exception, at `pos == 0` only: a
+        shard shorter than the span is used from its start if one step fits (the record would skip it; no
+        FineWeb shard is that short, but small test and CPU corpora are).
+        """
         tokens, bounds, n, T = self._tokens, self._bounds, self.micro_batches_per_step, self.seq_len
+        max_span = (2 if self.align_to_bos else 1) * n * T
+        if pos > 0 and pos + max_span + 1 >= tokens.size:
+            return None
         if not self.align_to_bos:
             if pos + n * T + 1 > tokens.size:
                 return None

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.config import ConfigError
+
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 FP8_MODES = ("fp8", "emulated", "off")
@@ -217,14 +219,22 @@ def _probe(device_str: str) -> str | None:
     return None
 
 
+class FP8Unavailable(ConfigError):
+    """--fp8 on was asked for on a GPU where the FP8 matmul cannot run (a bad-input error: exit 2)."""
+
+
 def resolve_fp8_mode(requested: str, device: torch.device) -> tuple[str, str]:
     """Turn the user's --fp8 value into the lm_head matmul mode and a sentence saying why.
 
     - "auto": "fp8" on CUDA with compute capability >= 8.9 (Ada/Hopper: FP8 tensor cores) when the
       probe passes; otherwise "off" (a plain matmul in the model's dtype: faster than emulating).
+      A failing probe on such a GPU is not expected (the record runs FP8 there): `fallback_warning`
+      turns that case into a loud warning at start.
     - "on": "fp8" wherever torch._scaled_mm works on `device` (probed once with a tiny matmul,
-      CPU included in torch 2.13); otherwise "emulated" (same FP8 rounding, fp32 matmuls), so
-      the numerics of FP8 training can be studied on any machine.
+      CPU included in torch 2.13). On CPU, otherwise "emulated" (same FP8 rounding, fp32 matmuls),
+      so the numerics of FP8 training can be studied on any machine. On CUDA, a GPU below compute
+      capability 8.9 or a failing probe raises FP8Unavailable: a run that asked for FP8 on a GPU must
+      not silently train an emulation at a fraction of the speed.
     - "off": "off".
     """
     req = str(requested).strip().lower()
@@ -245,8 +255,44 @@ def resolve_fp8_mode(requested: str, device: torch.device) -> tuple[str, str]:
         if err is None:
             return "fp8", f"auto: GPU compute capability {cap[0]}.{cap[1]} >= 8.9, torch._scaled_mm works"
         return "off", f"auto: torch._scaled_mm failed on {device} ({err}), lm_head uses a plain matmul"
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        err = (f"compute capability {cap[0]}.{cap[1]} < 8.9 has no FP8 tensor cores" if cap < (8, 9)
+               else _probe(str(device)))
+        if err is not None:
+            raise FP8Unavailable(f"--fp8 on: the FP8 lm_head cannot run on {device} ({err}). Use --fp8 auto (falls "
+                                 "back to a plain matmul with a warning) or --fp8 off.")
+        return "fp8", f"on: GPU compute capability {cap[0]}.{cap[1]} >= 8.9, torch._scaled_mm works (probed)"
     err = _probe(str(device))
     if err is None:
         return "fp8", f"on: torch._scaled_mm works on {device} (probed)"
     return "emulated", (f"on: torch._scaled_mm does not work on {device} ({err}); emulating FP8 "
                         "(e4m3/e5m2 round-trip with the same scales, fp32 matmuls)")
+
+
+def fallback_warning(requested: str, mode: str, device: torch.device) -> str | None:
+    """A warning for the start of the run when `--fp8 auto` fell back to "off" on a GPU that has FP8 tensor
+    cores (the probe failed: a driver, cuBLASLt or torch build problem, not the hardware): the run is then
+    slower than the record and its lm_head numerics differ. None in every expected case."""
+    device = torch.device(device)
+    if str(requested).strip().lower() != "auto" or mode != "off" or device.type != "cuda":
+        return None
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        return None  # no FP8 hardware: "off" is the only choice, and the log line says so
+    return (f"WARNING: --fp8 auto: this GPU (compute capability {cap[0]}.{cap[1]}) has FP8 tensor cores but the "
+            f"FP8 probe failed ({_probe(str(device))}); the lm_head runs a plain bf16 matmul, unlike the record. "
+            "Fix the CUDA/torch install, or pass --fp8 off to silence this.")
+
+
+def grad_scale_for_accumulation(grad_s: float, grad_accum: int) -> float:
+    """The e5m2 gradient scale for a process that accumulates `grad_accum` micro-batches.
+
+    The trainer backpropagates loss / grad_accum per micro-batch (so 1 process x A micro-batches equals A
+    ranks x 1), which makes the lm_head's output gradient A times smaller than on one of the record's 8
+    ranks, where the scales were tuned: e5m2 would lose log2(A) bits of headroom (3 bits on 1 GPU with the
+    record's batch) and flush more entries to zero. Measured on CPU (width 64, 3 steps, 8 micro-batches):
+    fp32 9.936, FP8 9.798, FP8 with grad_s / 8: 9.969. Dividing grad_s by A quantises the same values a rank
+    would (g/A over grad_s/A) and scales the result back by grad_s/A: exactly the A-rank numerics.
+    """
+    return grad_s / grad_accum

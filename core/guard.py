@@ -10,8 +10,9 @@ GracefulStop
 NonFiniteGuard (--nan-policy abort|skip, --max-nan-skips K, --spike-factor F)
     Detection costs no host synchronisation: after each backward, the guard computes on the device a
     small vector "does group g hold a non-finite value" (group 0 the loss, then one per parameter kind:
-    hidden, embed, value_embed, lm_head, scalar; from one fused `_foreach_norm` over the gradients),
-    all-reduced with MAX across ranks so every rank sees the same flags, and folds it into device
+    hidden, embed, value_embed, lm_head, scalar; from one fused `_foreach_norm` over the gradients).
+    With several ranks the vector rides on the grad-norm all-reduce after the optimizers' step
+    (`agree`: one 7-float SUM per step), so every rank sees the same flags; then it is folded into device
     counters (first bad step and its groups, skips, consecutive skips). The host reads the counters
     back at log steps, inside the trainer's one read-back of that step, and before every checkpoint.
 
@@ -148,8 +149,8 @@ class GuardReport:
 
 
 class NonFiniteGuard:
-    """See the module docstring. Call order per step: `check` after backward, then (skip policy)
-    `snapshot` before the optimizers step and `restore` after; `device_values` + `report` at log steps."""
+    """See the module docstring. Call order per step: `check` after backward, `snapshot` before the optimizers
+    step (skip policy), `agree` after it, then `restore`; `device_values` + `report` at log steps."""
 
     def __init__(self, model: torch.nn.Module, param_kinds: dict[str, str], optimizers, *, policy: str = "abort",
                  max_skips: int = 10, spike_factor: float = 10.0, device: torch.device | str = "cpu",
@@ -182,6 +183,7 @@ class NonFiniteGuard:
         self._known_state: set[tuple[int, str]] = set()
         self._gid_cache: dict[tuple[int, ...], Tensor] = {}
         self._inject_steps, self._inject_kind = injection_from_env()
+        self._pending: tuple | None = None  # several ranks: (step, local flags, loss) until `agree`
 
     # ------------------------------------------------------------------ per step (device only)
 
@@ -198,7 +200,37 @@ class NonFiniteGuard:
             norms = torch.stack(torch._foreach_norm([self._params[i].grad for i in present], 2, dtype=torch.float32))
             flags.index_add_(0, self._group_index(present), (~torch.isfinite(norms)).float())
         if self.distributed:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            # the ranks agree in `agree`, after the optimizers' reduce-scatters, in the grad-norm all-reduce
+            self._pending = (step, flags, loss.detach())
+            return None
+        return self._commit(step, flags, loss)
+
+    @torch.no_grad()
+    def agree(self, bad: Tensor | None, optimizers, want_grad_norm: bool) -> tuple[Tensor, Tensor | None]:
+        """Call after the optimizers' `step()` (before `restore`): returns (`bad`, the global grad norm or None).
+
+        One process: `bad` from `check` as it is, and no grad norm (the monitor's local one is global).
+        Several ranks: one all-reduce (SUM) of 7 floats carries this step's non-finite flags of every rank
+        and, at log steps, the sum of squares of this rank's averaged-gradient shards
+        (`core.distributed.sharded_grad_sq`), whose sum over ranks is the squared norm of the averaged
+        gradient. It replaces both the guard's own per-step all-reduce and a log-step all-reduce of a
+        copy of all gradients (issue 13 item 4). No host synchronisation.
+        """
+        if not self.distributed:
+            return bad, None
+        from core.distributed import drop_grad_shards, sharded_grad_sq
+        step, flags, loss = self._pending
+        if want_grad_norm:
+            sq = sharded_grad_sq(optimizers, self.device)
+        else:  # the norm only at log steps; the shards are dropped either way, so they never outlive the step
+            drop_grad_shards(optimizers)
+            sq = flags.new_zeros(())
+        packed = torch.cat([flags, sq.float().reshape(1)])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)  # flags: > 0 iff some rank flagged the group
+        self._pending = None
+        return self._commit(step, packed[:len(GROUPS)], loss), (packed[-1].sqrt() if want_grad_norm else None)
+
+    def _commit(self, step: int, flags: Tensor, loss: Tensor) -> Tensor:
         mask = ((flags > 0).double() * self._weights).sum()
         bad = mask > 0
         first = (self._first_bad_step < 0) & bad

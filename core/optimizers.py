@@ -158,6 +158,9 @@ class Muon(torch.optim.Optimizer):
       with one process such a parameter is skipped, as torch optimizers do.
     - Weight decay is decoupled: `p *= 1 - lr * weight_decay * p.wd_mul` before the update.
     - `self.orthogonalize` (default NS5) may be swapped for `polar_factor_svd` in diagnostics.
+    - After a distributed `step()`, `self.averaged_grad_shards` holds the averaged gradients of the matrices
+      this rank owns: over all ranks they are the whole averaged gradient, once
+      (`core.distributed.sharded_grad_sq`). The consumer empties the list.
     """
 
     def __init__(self, params: Iterable[Tensor], lr: float = 0.05, momentum: float = 0.95,
@@ -177,6 +180,7 @@ class Muon(torch.optim.Optimizer):
         self.rank = rank
         self.world_size = world_size
         self.orthogonalize = zeropower_via_newtonschulz5
+        self.averaged_grad_shards: list[Tensor] = []
         self._owner = {p: i % world_size for g in self.param_groups for i, p in enumerate(g["params"])}
 
     def owner_rank(self, p: Tensor) -> int:
@@ -231,10 +235,12 @@ class Muon(torch.optim.Optimizer):
                 pending.append((group, chunk, out, work))
         # 2) Each rank updates the parameter it owns in every chunk, then shares it.
         gathers = []
+        self.averaged_grad_shards = []
         for group, chunk, avg_grad, work in pending:
             work.wait()
             if rank < len(chunk):
                 mine = chunk[rank]
+                self.averaged_grad_shards.append(avg_grad)
                 self._update(mine, avg_grad, group)
             else:
                 mine = torch.empty_like(chunk[0])  # this rank has nothing in a short last chunk
@@ -250,11 +256,16 @@ class Muon(torch.optim.Optimizer):
 class DistAdam(torch.optim.Optimizer):
     """Adam with bias correction whose state is sharded along dim 0 across ranks.
 
-    Math (per parameter, `lr = group lr * p.lr_mul`): the textbook Adam of torch.optim.Adam,
-    `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`, plus decoupled weight decay
-    `p *= 1 - lr * weight_decay * p.wd_mul`. (The reference adds eps to sqrt(v) before the bias
-    correction, i.e. an eps larger by 1/sqrt(1 - b2^t); with eps = 1e-10 the two agree to float
-    rounding, and this form lets the tests compare against torch.optim.Adam exactly.)
+    Math (per parameter, `lr = group lr * p.lr_mul`), as the reference record writes it:
+    `p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`, plus decoupled weight decay
+    `p *= 1 - lr * weight_decay * p.wd_mul`. The eps is added to sqrt(v) *before* the bias correction
+    (record 2025-07-12_BosAlign, `DistAdam.step`: `denom = exp_avg_sq.sqrt().add_(eps)`, then
+    `step_size = lr * sqrt(bias2) / bias1`). In bias-corrected terms that is
+    `m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t))`: an effective eps larger than torch.optim.Adam's
+    (`sqrt(v_hat) + eps`) by 1/sqrt(1 - b2^t), about 4.5x at step 1 with b2 = 0.95, tending to 1x.
+    On an entry whose gradient is near zero (sqrt(v) ~ eps = 1e-10, which happens for rarely seen
+    embedding rows) the two rules give visibly different steps, so this follows the record and is
+    not torch.optim.Adam; the tests compare it with a reference written in that form.
 
     Distributed (world_size > 1): gradients are reduce-scattered with AVG so rank r receives
     rows [r*s, (r+1)*s) of the averaged gradient, keeps Adam state for those rows only (about
@@ -264,6 +275,8 @@ class DistAdam(torch.optim.Optimizer):
     are dropped after the all-gather, so the model never sees them. 0-d parameters are treated as
     shape (1,). A parameter whose `.grad` is None contributes zeros to the average; with one
     process it is skipped. With world_size == 1 it is plain Adam and makes no dist call.
+    After a distributed `step()`, `self.averaged_grad_shards` holds this rank's shards of the averaged
+    gradients (pad rows are zero), as Muon's does.
     """
 
     def __init__(self, params, lr: float = 0.008, betas: tuple[float, float] = (0.8, 0.95), eps: float = 1e-10,
@@ -273,6 +286,7 @@ class DistAdam(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.rank = rank
         self.world_size = world_size
+        self.averaged_grad_shards: list[Tensor] = []
 
     def _shard_rows(self, p: Tensor) -> int:
         n = p.shape[0] if p.ndim > 0 else 1
@@ -295,8 +309,8 @@ class DistAdam(torch.optim.Optimizer):
         exp_avg_sq.mul_(beta2).addcmul_(g_shard, g_shard, value=1 - beta2)
         bias1 = 1 - beta1 ** t
         bias2_sqrt = math.sqrt(1 - beta2 ** t)
-        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(group["eps"])
-        p_shard.addcdiv_(exp_avg, denom, value=-lr / bias1)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])  # eps before the bias correction, as the record
+        p_shard.addcdiv_(exp_avg, denom, value=-lr * bias2_sqrt / bias1)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -334,6 +348,7 @@ class DistAdam(torch.optim.Optimizer):
                 work = _reduce_scatter_single(g_shard, full_g.contiguous(), dist.ReduceOp.AVG)
                 pending.append((group, p, p2, full_p, g_shard, work))
         gathers = []
+        self.averaged_grad_shards = [g for *_, g, _ in pending]
         for group, p, p2, full_p, g_shard, work in pending:
             work.wait()
             rows = g_shard.shape[0]

@@ -21,7 +21,7 @@ import torch.nn as nn
 from core import mup
 from core.config import ConfigError, TrainConfig, grad_accum_steps, resolve_defaults, validate
 from core.data import GPT2_VOCAB, Vocab, declared_vocab
-from core.distributed import DistInfo, all_reduce_mean, broadcast_object, global_grad_norm, setup_distributed, teardown
+from core.distributed import DistInfo, all_reduce_mean, broadcast_object, setup_distributed, teardown
 from core.model import GPT, GPTConfig
 from core.optimizers import build_optimizers, ns_dtype, set_muon_momentum
 from core.schedule import lr_factor, window_blocks
@@ -90,7 +90,9 @@ def window_tensor(blocks: int, device: torch.device) -> torch.Tensor:
     """The window as a cached 0-dim tensor: a compiled model sees a tensor, not a new int, so no recompile."""
     key = (blocks, str(device))
     if key not in _window_tensors:
-        _window_tensors[key] = torch.tensor(blocks, dtype=torch.int32, device=device)
+        # pinned + non_blocking, as the record's get_window_size_blocks_helper: no host sync when the window grows
+        host = torch.tensor(blocks, dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+        _window_tensors[key] = host.to(device, non_blocking=True)
     return _window_tensors[key]
 
 
@@ -124,7 +126,10 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def memory_metrics(device: torch.device) -> dict[str, float]:
+def memory_metrics(device: torch.device, peaks=None) -> dict[str, float]:
+    if device.type == "cuda" and peaks is not None:  # PhasePeaks resets the allocator's peak at phase changes
+        return {"Hardware/peak_memory_mb": peaks.peak_so_far_mib(),
+                "Hardware/reserved_memory_mb": peaks.reserved_so_far_mib()}
     if device.type == "cuda":
         return {"Hardware/peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
                 "Hardware/reserved_memory_mb": torch.cuda.max_memory_reserved(device) / 2**20}
@@ -148,9 +153,11 @@ class RunResult:
 
 def run(cfg: TrainConfig) -> RunResult:
     from core.data import BatchLoader, resolve_data, unigram_entropy, val_batches
-    from core.fp8 import resolve_fp8_mode
+    from core.fp8 import fallback_warning as fp8_fallback_warning, resolve_fp8_mode
+    from core.fp8 import grad_scale_for_accumulation as fp8_grad_scale
     from core.logger import SimpleLogger, default_wandb_project, format_step_line, make_run_name
     from core.mfu import detect_peak_flops, flops_per_token
+    from core.memory import PhasePeaks, allocator_note
     from core.monitor import TrainingMonitor
     from core.coord_check import CoordRecorder
     from core import checkpoint as ckpt_io
@@ -168,7 +175,8 @@ def run(cfg: TrainConfig) -> RunResult:
         resume_path, resumed = ckpt_io.resolve_resume(cfg, notes.append)
         config_changes = ckpt_io.check_compatible(resumed, cfg, resume_path) if resumed is not None else []
         grad_accum = grad_accum_steps(cfg, info.world_size)
-        fp8_mode, fp8_reason = resolve_fp8_mode(cfg.fp8, device)
+        fp8_mode, fp8_reason = resolve_fp8_mode(cfg.fp8, device)  # --fp8 on where FP8 cannot run: exit 2
+        fp8_warning = fp8_fallback_warning(cfg.fp8, fp8_mode, device)
         use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
 
         # data first: bad shards fail before any model is built (rank 0 builds the embedded cache)
@@ -199,7 +207,7 @@ def run(cfg: TrainConfig) -> RunResult:
                              "interrupted attempt; this run logs those steps again")
         # what "auto" resolved to on this machine, next to the flags, in config.json and the W&B config
         resolved = {"device": str(device), "world_size": info.world_size, "grad_accum": grad_accum,
-                    "fp8_mode": fp8_mode, "compile": use_compile, "ns_dtype": str(ns_dtype(device)).replace("torch.", ""),
+                    "fp8_mode": fp8_mode, "fp8_reason": fp8_reason, "compile": use_compile, "ns_dtype": str(ns_dtype(device)).replace("torch.", ""),
                     "vocab": data.vocab.name}
         try:
             logger = SimpleLogger(
@@ -233,6 +241,7 @@ def run(cfg: TrainConfig) -> RunResult:
 
         # model, muP, optimizers
         model = build_model(cfg, device, fp8_mode)
+        model.lm_head.grad_s = fp8_grad_scale(model.lm_head.grad_s, grad_accum)  # e5m2 range as on the record's ranks
         if info.distributed:
             for p in model.parameters():
                 torch.distributed.broadcast(p.detach(), 0)
@@ -260,6 +269,11 @@ def run(cfg: TrainConfig) -> RunResult:
             f"{resolved['ns_dtype']} ({'tensor cores' if device.type == 'cuda' else 'bf16 would be emulated on a CPU'})")
         if cfg.lr_mult != 1.0:
             log(f"lr-mult {cfg.lr_mult:g}: Adam LR {cfg.adam_lr * cfg.lr_mult:g}, Muon LR {cfg.muon_lr * cfg.lr_mult:g}")
+        if fp8_warning:  # a GPU with FP8 tensor cores whose FP8 probe failed: say it where nobody can miss it
+            log(fp8_warning)
+            print(fp8_warning, file=sys.stderr, flush=True)
+        if device.type == "cuda":
+            log(allocator_note())
         log(f"MFU: {'peak %.0f TFLOP/s (%s)' % (peak_flops / 1e12, peak_reason) if peak_flops else 'unavailable: ' + peak_reason}")
         if cfg.mup:
             log(f"muP: width {cfg.width} base {cfg.base_width} width_mult {cfg.width / cfg.base_width:g} | "
@@ -289,7 +303,9 @@ def run(cfg: TrainConfig) -> RunResult:
         val_set = val_batches(data.val_files, cfg.val_seq_len, val_tokens, rank=info.rank,
                               world_size=info.world_size, device=device, vocab=data.vocab)
 
+        peaks = PhasePeaks(device)  # peak memory per phase, in the log at the end (core/memory.py)
         if cfg.warmup_steps > 0:
+            peaks.switch("warmup")
             _warmup_kernels(train_model, model, optimizers, train_loader, cfg, grad_accum, window_at, log)
 
         if data.is_embedded and info.is_main:
@@ -343,6 +359,7 @@ def run(cfg: TrainConfig) -> RunResult:
             if last_step or (cfg.val_every > 0 and step % cfg.val_every == 0):
                 _sync(device)
                 training_time_ms += 1000 * (time.perf_counter() - t0)
+                peaks.switch("val")
                 val_loss = evaluate(train_model, val_set, window_at(step), info).item()
                 result.val_losses.append((step, val_loss))
                 result.final_val_loss = val_loss
@@ -367,20 +384,21 @@ def run(cfg: TrainConfig) -> RunResult:
             # forward hooks added after torch.compile traced the model never fire (core/monitor.py): steps that
             # measure activations or record the coordinate check run the eager module
             step_model = model if recording else monitor.module_for(done, train_model)
+            peaks.switch("train_eager" if step_model is not train_model else "train")  # eager steps of a compiled run
             with monitor.activation_hooks(done), (coord.recording() if recording else _null()):
                 loss_sum = forward_backward(step_model, batches, window, grad_accum)
             if recording:
                 logger.log_metrics(coord.finish_step(step), step=step)
             monitor.after_backward(done)
             bad = guard.check(done, loss_sum / (grad_accum * cfg.seq_len))  # device flag, no host sync
-            # with several ranks the monitor's grad norm is this rank's local one: log the averaged gradient's
-            grad_norm_t = (global_grad_norm(model.parameters(), info)
-                           if info.distributed and monitor.is_log_step(done) else None)
             factor = set_schedules(cfg, optimizers, muon, step)
             monitor.before_optimizer(done)
             guard.snapshot()  # --nan-policy skip only: copy weights + state to put back if `bad`
             for opt in optimizers:
                 opt.step()
+            # several ranks: agree on `bad`, and at log steps the averaged gradient's norm from the optimizers'
+            # shards (the monitor's own is this rank's local one), in one small all-reduce (core/guard.py)
+            bad, grad_norm_t = guard.agree(bad, optimizers, want_grad_norm=monitor.is_log_step(done))
             guard.restore(bad)
             monitor.after_optimizer(done)
             model.zero_grad(set_to_none=True)
@@ -421,7 +439,7 @@ def run(cfg: TrainConfig) -> RunResult:
                     "Optimization/momentum": muon.param_groups[0]["momentum"],
                     "Perf/tokens_per_second": tok_s, "Perf/flops_per_second": flops_s,
                     "Attention/long_window_tokens": 128 * window,
-                    **memory_metrics(device)})
+                    **memory_metrics(device, peaks)})
                 if peak_flops:
                     metrics["Perf/mfu"] = flops_s / (peak_flops * info.world_size)
                 logger.log_metrics(metrics, step=done)
@@ -440,9 +458,14 @@ def run(cfg: TrainConfig) -> RunResult:
                     raise StopRequested(stop_signal, done, str(saved_path))
 
         _sync(device)
+        peaks.end()
+        log(peaks.summary())
+        if device.type == "cuda":
+            log(f"peak memory allocated: {peaks.run_peak_mib:.0f} MiB reserved: {peaks.run_reserved_mib:.0f} MiB")
         summary = {"best_val_loss": result.best_val_loss, "final_val_loss": result.final_val_loss,
                    "total_steps": cfg.iterations, "total_time_s": time.perf_counter() - run_start,
-                   "training_time_ms": training_time_ms}
+                   "training_time_ms": training_time_ms,
+                   **{f"peak_memory_mib/{phase}": mib for phase, mib in peaks.peaks_mib.items()}}
         if result.unigram_entropy is not None:
             summary["unigram_entropy"] = result.unigram_entropy
             verdict = "below" if result.final_val_loss < result.unigram_entropy else "NOT below"
@@ -454,9 +477,6 @@ def run(cfg: TrainConfig) -> RunResult:
         if coord is not None and info.is_main:
             path = coord.save(run_dir / "coord_check.jsonl", width=cfg.width, mup=cfg.mup)
             log(f"coordinate check: per-layer-type mean |x| of steps 0..{cfg.coord_check_steps - 1} in {path}")
-        if device.type == "cuda":
-            log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
-                f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
         logger.set_summary(summary)
         logger.close()
         return result

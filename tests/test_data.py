@@ -169,6 +169,53 @@ def test_unaligned_sequences_are_consecutive(shards):
         assert torch.equal(x.long(), torch.from_numpy(tokens[k * T:(k + 1) * T].astype(np.int64)))
 
 
+def record_batch_starts(shard_tokens: list[np.ndarray], T: int, n: int, steps: int, align_to_bos: bool = True):
+    """The record's loader (records/track_1_short/2025-07-12_BosAlign, `distributed_data_generator` and
+    `find_batch_starts`), restated in numpy for the test: (shard index, starts) of each step. It moves to the
+    next shard as soon as pos + max_batch_span + 1 >= len(tokens)."""
+    out, index, tokens, pos = [], 0, shard_tokens[0], 0
+    max_span = 2 * n * T if align_to_bos else n * T
+    for _ in range(steps):
+        if pos + max_span + 1 >= len(tokens):
+            index += 1
+            tokens, pos = shard_tokens[index], 0
+        if align_to_bos:
+            bos = np.flatnonzero(tokens[pos:pos + max_span] == BOS_ID) + pos
+            start, starts, end = int(bos[0]), [], None
+            for b in bos[1:]:
+                if b - start >= T:
+                    starts.append(start)
+                    if len(starts) == n:
+                        end = int(b)
+                        break
+                    start = int(b)
+            assert end is not None
+            span = end - pos
+        else:
+            starts, span = [pos + k * T for k in range(n)], n * T
+        out.append((index, starts))
+        pos += span
+    return out
+
+
+@pytest.mark.parametrize("align_to_bos", [True, False])
+def test_batch_sequence_matches_the_record_across_shard_changes(tmp_path, align_to_bos):
+    rng = np.random.default_rng(7)
+    shard_tokens = [make_docs(rng, 80, 5, 60) for _ in range(3)]
+    paths = [write_shard(tmp_path / f"r_train_{i:06d}.bin", t) for i, t in enumerate(shard_tokens)]
+    T, n = 40, 3
+    want = record_batch_starts(shard_tokens, T, n, steps=40 if align_to_bos else 55, align_to_bos=align_to_bos)
+    assert {i for i, _ in want} == {0, 1, 2}  # the steps cross two shard changes
+    loader = BatchLoader(paths, seq_len=T, micro_batches_per_step=n, align_to_bos=align_to_bos)
+    got = []
+    for _ in want:
+        step = loader.next_step()
+        got.append((loader.file_index, [int(np.flatnonzero(
+            np.all(np.lib.stride_tricks.sliding_window_view(shard_tokens[loader.file_index], T)
+                   == x.numpy(), axis=1))[0]) for x, _ in step]))
+    assert got == want
+
+
 def test_one_process_with_grad_accum_reads_what_two_ranks_read(shards):
     T, steps = 48, 120  # enough steps to cross shard boundaries and wrap to a second epoch
     single = BatchLoader(shards, seq_len=T, micro_batches_per_step=2, rank=0, world_size=1)

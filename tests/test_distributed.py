@@ -89,6 +89,17 @@ def _worker(out_dir: str, mode: str, argv: list[str]) -> None:
 
     optim.Muon._update, optim.zeropower_via_newtonschulz5 = counting_update, counting_ns
 
+    # The largest all-reduce of the run: the grad norm comes from the optimizers' shards (issue 13 item 4),
+    # so no all-reduce may carry a copy of the gradients.
+    import torch.distributed as dist
+    real_all_reduce, all_reduce_numel = dist.all_reduce, [0]
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        all_reduce_numel[0] = max(all_reduce_numel[0], tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = recording_all_reduce
+
     # Each rank's clock says a different second: only a name decided on rank 0 and shared makes them agree.
     real_name = logger.make_run_name
     logger.make_run_name = lambda **kw: real_name(**kw, now=datetime(2025, 1, 2, 3, 4, 5 + rank))
@@ -128,6 +139,9 @@ def _worker(out_dir: str, mode: str, argv: list[str]) -> None:
 
         data.BatchLoader.next_step = failing_next_step
 
+    if mode == "nan_on_rank1" and rank == 1:
+        os.environ["SPEEDRUN_INJECT_NAN_AT_STEP"] = "3:lm_head"  # a NaN gradient on one rank only
+
     cfg = parse_args(argv)
     trainer.run(cfg)
     model, adam, muon = captured["model"], captured["adam"], captured["muon"]
@@ -140,6 +154,7 @@ def _worker(out_dir: str, mode: str, argv: list[str]) -> None:
         "muon_updates": [names[i] for i in updates],
         "muon_state": sorted(names[id(p)] for p in muon.state),
         "ns_calls": ns_calls[0],
+        "max_all_reduce_numel": all_reduce_numel[0],
         "hidden": hidden,
         "run_name": cfg.run_name,
     }, Path(out_dir) / f"rank{rank}.pt")
@@ -240,6 +255,21 @@ def test_logged_grad_norm_is_the_averaged_gradients(pair):
     assert sorted(g1) == sorted(g2) == list(range(1, STEPS + 1))
     for step in g1:
         assert g2[step] == pytest.approx(g1[step], rel=1e-4), f"step {step}"
+    # ... computed from the optimizers' reduce-scattered shards: no all-reduce larger than a few scalars
+    # (the guard's flags and the squared norm travel together, 7 floats)
+    _, ranks, _, _ = pair
+    assert all(res["max_all_reduce_numel"] <= 8 for res in ranks), [r["max_all_reduce_numel"] for r in ranks]
+
+
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    """The guard's flags ride on the grad-norm all-reduce after the optimizers' step (core/guard.py `agree`):
+    a NaN gradient on rank 1 alone makes both ranks skip that update and stay identical."""
+    proc, _ = launch(tmp_path, SP + ["--iterations", "4", "--nan-policy", "skip"], 2, mode="nan_on_rank1")
+    _ok(proc)
+    assert "skipped 1 step(s) up to step 3 (the first at step 3 in lm_head)" in proc.stdout
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, p0 in ranks[0]["params"].items():
+        assert torch.isfinite(p0).all() and torch.equal(p0, ranks[1]["params"][name]), name
 
 
 def test_optimizer_state_is_sharded(pair):

@@ -176,10 +176,18 @@ def test_resolve_fp8_mode_auto_cuda_branches(fresh_probe, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     mode, reason = resolve_fp8_mode("auto", torch.device("cuda"))
     assert mode == "off" and "8.0" in reason
+    assert fp8.fallback_warning("auto", mode, torch.device("cuda")) is None  # no FP8 hardware: expected
+    with pytest.raises(fp8.FP8Unavailable, match="8.0 < 8.9"):  # --fp8 on where it cannot work: an error
+        resolve_fp8_mode("on", torch.device("cuda"))
     if not torch.cuda.is_available():
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
         mode, reason = resolve_fp8_mode("auto", torch.device("cuda"))
         assert mode == "off" and "failed" in reason
+        warning = fp8.fallback_warning("auto", mode, torch.device("cuda"))  # FP8 hardware, failing probe: loud
+        assert warning.startswith("WARNING") and "9.0" in warning and "--fp8 off" in warning
+        assert fp8.fallback_warning("off", "off", torch.device("cuda")) is None  # the user's own choice
+        with pytest.raises(fp8.FP8Unavailable, match="cannot run"):
+            resolve_fp8_mode("on", torch.device("cuda"))
 
 
 # -----------------------------------------------------------------------------

@@ -111,3 +111,22 @@ def test_bad_model_shapes_are_refused():
         GPTConfig(width=100, head_dim=32)
     with pytest.raises(ValueError, match="even"):
         GPTConfig(depth=5)
+
+
+def test_flex_attention_is_never_stored_uncompiled_from_inside_a_trace(monkeypatch):
+    # Issue 13 item 1: a lazy torch.compile(flex_attention) run while dynamo traces the model is a no-op that
+    # returns the plain function; storing it sent later eager CUDA forwards down the unfused O(T^2) path.
+    from torch.nn.attention.flex_attention import flex_attention
+    from core import attention
+    monkeypatch.setattr(attention, "_compiled_flex", None)
+    model = perturbed_model(tiny(depth=2))
+    x = sequence(T=256, bos_at=(0, 100))
+    compiled = torch.compile(lambda seq: model(seq, None, 2, use_flex=True), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        traced = compiled(x)
+        eager_sdpa = model(x, None, 2, use_flex=False)
+    assert (traced - eager_sdpa).abs().max() < 1e-4  # the traced flex path computes the same attention
+    assert attention._compiled_flex is None  # nothing was stored while tracing
+    fn = attention.compiled_flex_attention()  # the eager path's function: torch.compile's wrapper
+    assert fn is not flex_attention and getattr(fn, "_torchdynamo_orig_callable", None) is flex_attention
+    assert attention.compiled_flex_attention() is fn  # compiled once

@@ -1,4 +1,4 @@
-"""Single-process contract tests of core/optimizers.py: NS5 band, Muon update, DistAdam == torch Adam,
+"""Single-process contract tests of core/optimizers.py: NS5 band, Muon update, DistAdam == the record's Adam,
 build_optimizers coverage and LR multipliers, momentum warm-up."""
 import copy
 import math
@@ -185,39 +185,75 @@ def test_muon_rejects_bad_rank():
         Muon([nn.Parameter(torch.randn(4, 4))], rank=2, world_size=2)
 
 
-def test_distadam_matches_torch_adam():
+def record_adam_step(p: torch.Tensor, g: torch.Tensor, state: dict, lr: float, betas, eps: float,
+                     weight_decay: float = 0.0, wd_mul: float = 1.0) -> None:
+    """The record's DistAdam update (records/track_1_short/2025-07-12_BosAlign, `DistAdam.step`), written
+    out plainly for one parameter: eps is added to sqrt(v) before the bias correction."""
+    b1, b2 = betas
+    state.setdefault("m", torch.zeros_like(p))
+    state.setdefault("v", torch.zeros_like(p))
+    state["t"] = state.get("t", 0) + 1
+    t = state["t"]
+    p.mul_(1 - lr * weight_decay * wd_mul)
+    state["m"].mul_(b1).add_(g, alpha=1 - b1)
+    state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+    step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    p.sub_(state["m"] / (state["v"].sqrt() + eps) * step_size)
+
+
+def test_distadam_matches_the_records_adam():
     torch.manual_seed(5)
     shapes = [(40, 8), (13,), (3, 5, 7), ()]
     ours = [nn.Parameter(torch.randn(s)) for s in shapes]
     start = [p.detach().clone() for p in ours]
-    ref = [nn.Parameter(p.detach().clone()) for p in ours]
-    ours[1].lr_mul = 3.0  # per-param multiplier == a torch Adam group with 3x the LR
+    ref = [p.detach().clone() for p in ours]
+    states = [{} for _ in ours]
+    ours[1].lr_mul = 3.0  # per-param multiplier == 3x the LR
     lr, betas, eps = 0.01, (0.8, 0.95), 1e-10
     opt = DistAdam(ours, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
-    ref_opt = torch.optim.Adam([{"params": [ref[0], ref[2], ref[3]]}, {"params": [ref[1]], "lr": 3 * lr}],
-                               lr=lr, betas=betas, eps=eps, weight_decay=0.0, foreach=False)
     for _ in range(6):
-        for a, b in zip(ours, ref):
+        for i, (a, b) in enumerate(zip(ours, ref)):
             g = torch.randn(a.shape)
-            a.grad, b.grad = g.clone(), g.clone()
+            a.grad = g.clone()
+            record_adam_step(b, g, states[i], lr * (3.0 if i == 1 else 1.0), betas, eps)
         opt.step()
-        ref_opt.step()
     for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a.detach(), b, rtol=1e-6, atol=1e-7)
     # and they really moved (the comparison is not between two untouched tensors)
     assert all((a.detach() - s).abs().max() > 1e-3 for a, s in zip(ours, start))
+
+
+def test_distadam_eps_is_added_before_the_bias_correction():
+    # A gradient of the size of eps tells the two eps rules apart: the record's (eps on sqrt(v), before the
+    # bias correction) moves the parameter by lr * sqrt(1-b2) / (1-b1) * m / (sqrt(v) + eps), that is with an
+    # effective eps larger by 1/sqrt(1-b2), so less than torch.optim.Adam (0.18 against 0.5 here).
+    lr, betas, eps = 1.0, (0.8, 0.95), 1e-3
+    g = torch.full((4,), 1e-3)
+    p = nn.Parameter(torch.zeros(4))
+    p.grad = g.clone()
+    DistAdam([p], lr=lr, betas=betas, eps=eps).step()
+    ref, state = torch.zeros(4), {}
+    record_adam_step(ref, g, state, lr, betas, eps)
+    torch.testing.assert_close(p.detach(), ref, rtol=1e-6, atol=0)
+    q = nn.Parameter(torch.zeros(4))
+    q.grad = g.clone()
+    torch.optim.Adam([q], lr=lr, betas=betas, eps=eps, foreach=False).step()
+    # record: m = 0.2g, sqrt(v) = sqrt(0.05) g, g = eps: step = 0.2 / (sqrt(0.05) + 1) * sqrt(0.05) / 0.2 = 0.183;
+    # torch: m_hat = g, sqrt(v_hat) = g: step = g / (g + eps) = 0.5
+    assert p.detach()[0].item() == pytest.approx(-0.2 / (math.sqrt(0.05) + 1) * math.sqrt(0.05) / 0.2, rel=1e-5)
+    assert q.detach()[0].item() == pytest.approx(-0.5, rel=1e-5)
 
 
 def test_distadam_weight_decay_is_decoupled():
     torch.manual_seed(6)
     p = nn.Parameter(torch.randn(10))
-    q = nn.Parameter(p.detach().clone())
+    q = p.detach().clone()
     p.wd_mul = 2.0
     g = torch.randn(10)
-    p.grad, q.grad = g.clone(), g.clone()
+    p.grad = g.clone()
     DistAdam([p], lr=0.1, weight_decay=0.5).step()
-    torch.optim.AdamW([q], lr=0.1, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.5 * 2.0).step()
-    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    record_adam_step(q, g, {}, lr=0.1, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.5, wd_mul=2.0)
+    torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
 
 
 # -----------------------------------------------------------------------------

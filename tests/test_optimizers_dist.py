@@ -1,7 +1,8 @@
 """Two-process (gloo, CPU) tests of the distributed paths of Muon and DistAdam in core/optimizers.py.
 
 One spawn runs every scenario (process start-up dominates the cost); each test asserts one property of
-its results: sharded Adam state, one owner per Muon matrix, and 2-process == 1-process results.
+its results: sharded Adam state, one owner per Muon matrix, 2-process == 1-process results, and the grad
+norm from the optimizers' shards.
 """
 import socket
 
@@ -59,11 +60,15 @@ def worker(rank, port, out_dir):
             orthogonalised.append(tuple(G.shape))
             return real_ns(G)
         muon.orthogonalize = counting_ns
+        from core.distributed import DistInfo, global_grad_norm_from_shards
+        info = DistInfo(rank, rank, WORLD, torch.device("cpu"), "gloo")
+        grad_norms = []
         for step in range(STEPS):
             for i, p in enumerate(muon_params + adam_params):
                 p.grad = rank_grad(p.shape, step, i, rank)
             muon.step()
             adam.step()
+            grad_norms.append(global_grad_norm_from_shards([adam, muon], info).item())
         torch.save({
             "muon": [p.detach() for p in muon_params],
             "adam": [p.detach() for p in adam_params],
@@ -71,6 +76,7 @@ def worker(rank, port, out_dir):
             "muon_owned": [i for i, p in enumerate(muon_params) if p in muon.state],
             "owner_rank": [muon.owner_rank(p) for p in muon_params],
             "ns_calls": orthogonalised,
+            "grad_norms": grad_norms,
         }, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -89,13 +95,15 @@ def results(tmp_path_factory):
     per_rank = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
     # The single-process reference sees, at every step, the average of the ranks' gradients.
     muon, muon_params, adam, adam_params = build(1, 0)
+    grad_norms = []
     for step in range(STEPS):
         for i, p in enumerate(muon_params + adam_params):
             p.grad = sum(rank_grad(p.shape, step, i, r) for r in range(WORLD)) / WORLD
+        grad_norms.append(torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in muon_params + adam_params])).item())
         muon.step()
         adam.step()
     single = {"muon": [p.detach() for p in muon_params], "adam": [p.detach() for p in adam_params],
-              "adam_state_numel": state_numel(adam)}
+              "adam_state_numel": state_numel(adam), "grad_norms": grad_norms}
     return per_rank, single
 
 
@@ -132,3 +140,11 @@ def test_each_muon_matrix_orthogonalised_by_exactly_one_rank(results):
     assert sum(len(p["ns_calls"]) for p in per_rank) == STEPS * len(MUON_SHAPES)
     # the work is shared: each rank orthogonalises some matrices
     assert all(len(o) >= 3 for o in owned)
+
+
+def test_grad_norm_from_the_optimizers_shards_equals_the_one_process_norm(results):
+    # issue 13 item 4: DistAdam's row shards (with pad rows) and Muon's owned matrices (with a short chunk)
+    # cover the averaged gradient exactly once, so one scalar all-reduce gives the 1-process norm
+    per_rank, single = results
+    for r in range(WORLD):
+        assert per_rank[r]["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-6), f"rank {r}"
