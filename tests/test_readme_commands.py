@@ -75,6 +75,10 @@ README_COMMANDS: dict[str, list[str] | str] = {
     # muP: coordinate check
     "python -m core.mup coord-check --widths 32 64 128 256 --steps 10 --seeds 2 --head-dim 16 --seq-len 4096 "
     "--out-dir docs/coord_check": [f"python -m core.mup coord-check {TINY_COORD}"],
+    "python -m core.coord_check --widths 64 128 256 --steps 4 --seeds 3 --seq-len 512 --depth 2 --head-dim 16 "
+    "--data embedded-bytes --mistakes no-readout-mult readout-mult-squared muon-lr-over-m embed-lr-over-m":
+        ["python -m core.coord_check --widths 32 64 --steps 2 --seeds 1 --seq-len 128 --depth 2 --head-dim 16 "
+         "--data embedded-bytes --mistakes no-readout-mult --use-wandb false --out-dir {tmp}/coord2"],
     "python train.py --mup --width 256 --base-width 64 --coord-check":
         [f"python train.py --mup --width 256 --base-width 64 --coord-check {SHORT} {LOGS}"],
     # muP: width x LR sweep
@@ -145,9 +149,11 @@ def test_readme_commands_run(tmp_path):
                               timeout=900)
         out = proc.stdout + proc.stderr
         print(f"{time.time() - t0:6.1f} s  rc {proc.returncode}  {cmd}")
-        if "coord-check" in cmd and "train.py" not in cmd:
+        if ("coord-check" in cmd or "coord_check" in cmd) and "train.py" not in cmd:
             # exit 1 is the check's FAIL verdict, which 2 steps at these sizes may give; it must reach one
-            ok = proc.returncode in (0, 1) and "muP: " in out and (tmp_path / "coord" / "coord_check.png").is_file()
+            out_dir = Path(cmd.split("--out-dir ")[1].split()[0])
+            ok = (proc.returncode in (0, 1) and ("PASS" in out or "FAIL" in out)
+                  and (out_dir / "coord_check.png").is_file())
         elif "core.sweep collect" in cmd:
             ok = proc.returncode == 0 and "csv:" in out and any((tmp_path / "sweep").rglob("sweep.csv"))
         elif "group_scaling" in cmd:  # 2 parametrisations x 2 widths x 3 LRs, then the collect
