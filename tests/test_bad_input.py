@@ -54,8 +54,11 @@ def data_dir(tmp: Path, train=None, val=None, prefix="mine") -> Path:
 def fake_checkpoint(run_dir: Path, step: int = 4, **config) -> Path:
     """A checkpoint file with a given config: enough for the checks that run before the model is built."""
     from core.config import parse_args, resolve_defaults
+    from core.data import GPT2_VOCAB
+    from core.trainer import resolve_vocab
     cfg = parse_args(TINY)
     resolve_defaults(cfg, "cpu", env={})
+    resolve_vocab(cfg, GPT2_VOCAB)  # as a real run on the embedded corpus records it
     for k, v in config.items():
         setattr(cfg, k, v)
     payload = {"format": ck.FORMAT, "format_version": ck.FORMAT_VERSION, "step": step, "world_size": 1,
