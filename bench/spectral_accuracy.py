@@ -9,6 +9,8 @@ Run (CPU, ~15 minutes on 2 cores, most of it training the model for the "trained
     python bench/spectral_accuracy.py --checkpoint logs/<run>/checkpoints/step_001750.pt   # a train.py checkpoint
     python bench/spectral_accuracy.py --device cuda --step-ms 100   # time the modes on a GPU
     python bench/spectral_accuracy.py --json out.json          # machine-readable copy of every number
+    python bench/spectral_accuracy.py --tracking-only --seq-len 256 --train-steps 300 --track-every 20
+                                     # only the trackers during training: every 20 and every 100 (the default) steps
 
 Prints (1) the machine; (2) a table mode x matrix family of the median / max |relative error|,
 the mean signed error (bias), the NS fallback rate and the time per call, where the families are
@@ -248,6 +250,24 @@ def pct(x: float | None, decimals: int = 2) -> str:
     return "-" if x is None else f"{100 * x:.{decimals}f}%"
 
 
+def print_tracking(train_info: dict) -> None:
+    """The table of the trackers warm-started during training."""
+    print(f"\nTrackers warm-started during training (width {train_info['width']}, seq_len {train_info['seq_len']}, "
+          f"{train_info['steps']} steps, "
+          f"loss {train_info['loss_first']:.2f} -> {train_info['loss_last']:.2f}, "
+          f"{train_info['step_ms_median']:.0f} ms/step median); error over every matrix at every warm call:")
+    print(f"{'tracker':40} {'every':>5} {'calls':>5} {'median|err|':>11} {'max|err|':>9} {'max resid':>9} "
+          f"{'cold max|err|':>13} {'warm ms':>8}")
+    for label, rec in train_info["tracking"].items():
+        w = [abs(e) for e in rec["warm"]]
+        if not w:
+            print(f"{label:40} {rec['interval']:5d}     0  (no call after the first: run more --train-steps)")
+            continue
+        print(f"{label:40} {rec['interval']:5d} {len(rec['warm_ms']):5d} {pct(statistics.median(w), 3):>11} "
+              f"{pct(max(w), 3):>9} {max(rec['residual']):9.2e} {pct(max(abs(e) for e in rec['cold']), 3):>13} "
+              f"{statistics.median(rec['warm_ms']):8.1f}")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -266,6 +286,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (median)")
     p.add_argument("--step-ms", type=float, default=None, help="a training step time to amortise the warm call over")
     p.add_argument("--json", default=None, help="also write every number here")
+    p.add_argument("--tracking-only", action="store_true",
+                   help="only train and report the trackers warm-started during training (skips the static families)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -276,7 +298,7 @@ def main(argv=None) -> dict:
 
     gpu = f" | timing on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else " | timing on the CPU"
     print(f"machine: {machine()}{gpu}", flush=True)
-    families = {"gaussian": gaussian_family(), "spiked": spiked_family()}
+    families = {} if args.tracking_only else {"gaussian": gaussian_family(), "spiked": spiked_family()}
     train_info = None
     if args.checkpoint:
         families["trained"], train_info = load_checkpoint(args.checkpoint)
@@ -285,6 +307,15 @@ def main(argv=None) -> dict:
     else:
         families["trained"], train_info = train_and_track(args)
 
+    if args.tracking_only:
+        if train_info is None:
+            raise SystemExit("--tracking-only needs training (drop --checkpoint)")
+        result = {"machine": machine() + gpu, "training": train_info}
+        print_tracking(train_info)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+            print(f"\nwrote {args.json}")
+        return result
     rows = []
     for fam, mats in families.items():
         rows += mode_rows(fam, mats, args.repeats, device)
@@ -302,19 +333,7 @@ def main(argv=None) -> dict:
 
     result = {"machine": machine() + gpu, "rows": rows, "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}
     if train_info is not None:
-        print(f"\nTrackers warm-started during training (width {train_info['width']}, {train_info['steps']} steps, "
-              f"loss {train_info['loss_first']:.2f} -> {train_info['loss_last']:.2f}, "
-              f"{train_info['step_ms_median']:.0f} ms/step median); error over every matrix at every warm call:")
-        print(f"{'tracker':40} {'every':>5} {'calls':>5} {'median|err|':>11} {'max|err|':>9} {'max resid':>9} "
-              f"{'cold max|err|':>13} {'warm ms':>8}")
-        for label, rec in train_info["tracking"].items():
-            w = [abs(e) for e in rec["warm"]]
-            if not w:
-                print(f"{label:40} {rec['interval']:5d}     0  (no call after the first: run more --train-steps)")
-                continue
-            print(f"{label:40} {rec['interval']:5d} {len(rec['warm_ms']):5d} {pct(statistics.median(w), 3):>11} "
-                  f"{pct(max(w), 3):>9} {max(rec['residual']):9.2e} {pct(max(abs(e) for e in rec['cold']), 3):>13} "
-                  f"{statistics.median(rec['warm_ms']):8.1f}")
+        print_tracking(train_info)
         result["training"] = train_info
 
     print(f"\nAmortised cost of the default (warm) call at MONITOR_SPECTRAL_EVERY={DEFAULT_INTERVAL}:")

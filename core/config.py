@@ -39,8 +39,8 @@ class TrainConfig:
     # --- data --------------------------------------------------------------------------------
     data: str | None = None           # a built-in corpus: embedded (GPT-2 tokens) | embedded-bytes (UTF-8 bytes, the CPU muP lab)
     data_dir: str | None = None       # folder with fineweb_{train,val}_*.bin; None: data/fineweb10B, else embedded corpus
-    seq_len: int | None = None        # tokens per micro-batch sequence (CUDA 48*1024, CPU 1024); multiple of 128
-    batch_tokens: int | None = None   # tokens per optimizer step over all ranks (CUDA 8*48*1024, CPU 1024)
+    seq_len: int | None = None        # tokens per micro-batch sequence (CUDA 48*1024, CPU 256); multiple of 128
+    batch_tokens: int | None = None   # tokens per optimizer step over all ranks (CUDA 8*48*1024, CPU 1024 = 4 x 256)
     val_seq_len: int | None = None    # tokens per validation sequence (CUDA 4*64*1024, CPU 1024)
     val_tokens: int | None = None     # fixed validation size so runs compare (CUDA: the data's, 10,485,760 for FineWeb; CPU 32768)
     # --- optimisation (the record's values) ---------------------------------------------------
@@ -151,8 +151,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 CUDA_DEFAULTS = dict(width=768, depth=12, head_dim=128, seq_len=48 * 1024, batch_tokens=8 * 48 * 1024,
                      val_seq_len=4 * 64 * 1024, iterations=1750, val_every=125, warmup_steps=10)
 # CPU: the 50k-vocabulary readout dominates a step at this width (~1.2 s per 1024 tokens on 2 cores),
-# so the default run is 150 steps of one 1024-token sequence: about 3-4 minutes, clearly learning.
-CPU_DEFAULTS = dict(width=128, depth=4, head_dim=32, seq_len=1024, batch_tokens=1024,
+# so the default run is 150 steps of 1024 tokens. As in the record, the global batch is split over the
+# ranks: 4 sequences of 256 tokens, so 1, 2 or 4 processes (gradient accumulation 4, 2, 1) train on
+# the same batch (`torchrun --nproc_per_node=2 train.py` works with the defaults; issue 12).
+CPU_DEFAULTS = dict(width=128, depth=4, head_dim=32, seq_len=256, batch_tokens=1024,
                     val_seq_len=1024, val_tokens=32 * 1024, iterations=150, val_every=50, warmup_steps=0)
 
 

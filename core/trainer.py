@@ -100,11 +100,11 @@ def forward_backward(model, batches, window: int, grad_accum: int) -> torch.Tens
     """Sum-reduced loss per micro-batch (as the record: keeps FP8 e5m2 gradients in range), divided by
     grad_accum so that 1 process x A micro-batches == A ranks x 1. Returns the summed loss (device)."""
     device = batches[0][0].device
-    total = torch.zeros((), device=device)
+    total = None  # in the loss's dtype (float64 in the golden test)
     for inputs, targets in batches:
         loss = model(inputs, targets, window_tensor(window, device))
         (loss / grad_accum).backward()
-        total += loss.detach()
+        total = loss.detach() if total is None else total + loss.detach()
     return total
 
 

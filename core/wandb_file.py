@@ -7,7 +7,9 @@ check what `SimpleLogger` sent to W&B, and a user can inspect an offline run wit
 
 Format (verified byte by byte on files written by wandb 0.31's Go core; the layout matches the
 docstring of the pre-0.18 Python writer `wandb/sdk/internal/datastore.py`, which 0.31 no longer
-ships, and Google's LevelDB log format `doc/log_format.md`):
+ships, and Google's LevelDB log format `doc/log_format.md`). requirements.txt pins wandb to the versions
+this reader is tested against (>=0.30,<0.32); files written by each of them are committed under
+tests/golden/wandb_files/ and read back by tests/test_wandb_file.py:
 
 * file header, 7 bytes: ident `b":W&B"`, magic `0xBEE1` (little-endian uint16), version byte (0);
 * then 32 KiB blocks (the header takes the first 7 bytes of block 0). Each block holds records

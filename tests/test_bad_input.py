@@ -1,10 +1,13 @@
 """Every bad input gets exit code 2 and a message that names the problem (and the file), before training.
 
 Each entry of CASES is one test: it builds the bad input, runs `train.main` in this process and checks the
-exit code and a fragment of the message. The README table "bad input | message" is generated from the same
-cases, so every row is a test:
+exit code, a fragment of the message, and that the refusal came before the first step (no step line on the
+console, no metrics row written). The README's table "bad input | message contains" is CASES' names and
+fragments, row for row; `test_readme_table_is_the_cases` checks it, and prints the table to paste when they
+differ:
 
-    .venv/bin/python tests/test_bad_input.py        # prints the markdown table (messages as they are now)
+    .venv/bin/python tests/test_bad_input.py            # the full messages, as they are now
+    .venv/bin/python tests/test_bad_input.py --readme   # the README table
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ if str(REPO) not in sys.path:  # also runnable as a script, for the table
 
 from core import checkpoint as ck  # noqa: E402
 from core.data import BOS_ID, write_shard  # noqa: E402
+from core.logger import parse_step_line  # noqa: E402
 from train import EXIT_BAD_INPUT, main  # noqa: E402
 
 TINY = ["--width", "32", "--depth", "2", "--head-dim", "16", "--seq-len", "128", "--batch-tokens", "128",
@@ -50,8 +54,11 @@ def data_dir(tmp: Path, train=None, val=None, prefix="mine") -> Path:
 def fake_checkpoint(run_dir: Path, step: int = 4, **config) -> Path:
     """A checkpoint file with a given config: enough for the checks that run before the model is built."""
     from core.config import parse_args, resolve_defaults
+    from core.data import GPT2_VOCAB
+    from core.trainer import resolve_vocab
     cfg = parse_args(TINY)
     resolve_defaults(cfg, "cpu", env={})
+    resolve_vocab(cfg, GPT2_VOCAB)  # as a real run on the embedded corpus records it
     for k, v in config.items():
         setattr(cfg, k, v)
     payload = {"format": ck.FORMAT, "format_version": ck.FORMAT_VERSION, "step": step, "world_size": 1,
@@ -208,8 +215,8 @@ CASES = [
 ]
 
 
-def run_case(case: Case, tmp: Path, capsys=None) -> tuple[int, str]:
-    """Run train.main on the case; returns (exit code, stderr). Works with pytest's capsys or standalone."""
+def run_case(case: Case, tmp: Path, capsys=None) -> tuple[int, str, str]:
+    """Run train.main on the case; returns (exit code, stderr, stdout). Works with pytest's capsys or standalone."""
     argv, env = case.setup(tmp)
     args = TINY + ["--log-dir", str(tmp / "logs")] + argv
     old = {k: os.environ.get(k) for k in env}
@@ -218,12 +225,13 @@ def run_case(case: Case, tmp: Path, capsys=None) -> tuple[int, str]:
         if capsys is None:
             import contextlib
             import io
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            err, out = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
                 code = _main_code(args)
-            return code, err.getvalue()
+            return code, err.getvalue(), out.getvalue()
         code = _main_code(args)
-        return code, capsys.readouterr().err
+        captured = capsys.readouterr()
+        return code, captured.err, captured.out
     finally:
         for k, v in old.items():
             if v is None:
@@ -241,11 +249,23 @@ def _main_code(args) -> int:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_refused_with_exit_code_2_and_a_message(case, tmp_path, capsys):
-    code, err = run_case(case, tmp_path, capsys)
+    def metrics_rows() -> dict:  # run folder -> its metrics.jsonl rows (a case may plant some before the run)
+        rows = {p: p.read_text().splitlines() for p in (tmp_path / "logs").glob("*/metrics.jsonl")}
+        return {p: r for p, r in rows.items() if r}
+    planted = {}
+    setup = case.setup
+    def setup_and_snapshot(tmp):
+        result = setup(tmp)
+        planted.update(metrics_rows())
+        return result
+    code, err, out = run_case(Case(case.name, case.expect, setup_and_snapshot), tmp_path, capsys)
     assert code == EXIT_BAD_INPUT, err
     assert case.expect in err, err
     assert "Traceback" not in err
     assert not list((tmp_path / "logs").glob("*/checkpoints/.tmp-*"))
+    # refused before the first step: no step line, no metrics row
+    assert not [ln for ln in (out + err).splitlines() if parse_step_line(ln)], out
+    assert metrics_rows() == planted
 
 
 def test_bad_input_in_a_real_process_prints_one_clean_line():
@@ -256,12 +276,25 @@ def test_bad_input_in_a_real_process_prints_one_clean_line():
     assert "Traceback" not in proc.stderr
 
 
+def readme_table() -> str:
+    """The README's bad-input table: one row per case, its name and the fragment the test checks."""
+    rows = ["| bad input | message contains |", "|---|---|"]
+    return "\n".join(rows + [f"| {c.name} | {c.expect.replace('|', chr(92) + '|')} |" for c in CASES])
+
+
+def test_readme_table_is_the_cases():
+    readme = (REPO / "README.md").read_text()
+    table = readme_table()
+    assert table in readme, ("README.md's bad-input table differs from CASES in tests/test_bad_input.py; "
+                             "replace it with the output of `python tests/test_bad_input.py --readme`:\n" + table)
+
+
 def markdown_table() -> str:
     import tempfile
     out = ["| bad input | message (exit code 2) |", "|---|---|"]
     for case in CASES:
         with tempfile.TemporaryDirectory() as tmp:
-            code, err = run_case(case, Path(tmp))
+            code, err, _ = run_case(case, Path(tmp))
         line = next((ln for ln in err.strip().splitlines() if case.expect in ln), err.strip().splitlines()[-1])
         line = line.replace(tmp, "<tmp>").replace("|", "\\|")
         out.append(f"| {case.name} | {line} |" if code == EXIT_BAD_INPUT else f"| {case.name} | EXIT {code}! |")
@@ -269,4 +302,4 @@ def markdown_table() -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_table())
+    print(readme_table() if "--readme" in sys.argv else markdown_table())

@@ -1,12 +1,16 @@
-"""Tests for core/wandb_file.py against files written by the installed wandb (offline, no network)."""
+"""Tests for core/wandb_file.py against files written by the installed wandb (offline, no network), and against
+committed files written by every wandb minor version requirements.txt admits."""
 import json
 import os
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from core import wandb_file as wf
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also runnable as a script (--write-fixture)
+from core import wandb_file as wf  # noqa: E402
 
 N_ROWS = 400
 BIG = "x" * 70_000  # > 2 blocks of 32 KiB: forces a FIRST / MIDDLE / LAST record chain
@@ -128,3 +132,86 @@ def test_cli_prints_the_run(wandb_run, capsys):
     assert f"run: {run_id}" in out and f"history: {N_ROWS} rows" in out
     last = json.loads(out.split("last row: ", 1)[1].splitlines()[0])
     assert last["step"] == rows[-1]["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pinned range (requirements.txt): files written by each wandb minor version in it are committed
+# under tests/golden/wandb_files/ and read back here with whatever wandb is installed, so the reader is
+# tested against the format of every version the pin allows, not only the installed one. To widen the
+# pin, write a fixture with that version (`python tests/test_wandb_file.py --write-fixture`, run with it
+# installed) and extend the range.
+
+FIXTURES = sorted((Path(__file__).parent / "golden" / "wandb_files").glob("wandb-*.wandb"))
+FIXTURE_BIG = "y" * 33_000  # > one 32 KiB block: a FIRST / LAST record chain
+
+
+def _fixture_rows():
+    return [{"step": k, "Loss/train_loss": 10.0 / (k + 1), "Optimization/lr": 0.5 ** (k % 7)} for k in range(50)]
+
+
+def _pinned_range():
+    from packaging.requirements import Requirement
+    lines = (Path(__file__).resolve().parent.parent / "requirements.txt").read_text().splitlines()
+    (req,) = [Requirement(ln.split("#")[0].strip()) for ln in lines if ln.strip().startswith("wandb")]
+    return req.specifier
+
+
+def test_requirements_pin_a_wandb_range_covered_by_fixtures():
+    from packaging.version import Version
+    spec = _pinned_range()
+    assert spec, "requirements.txt must pin wandb to the range core/wandb_file.py is tested against"
+    fixture_versions = [Version(p.stem.removeprefix("wandb-")) for p in FIXTURES]
+    assert all(v in spec for v in fixture_versions), (spec, fixture_versions)
+    # every minor version the range admits has a fixture (the range must have an upper bound)
+    upper = [s for s in spec if s.operator in ("<", "<=")]
+    assert upper, f"wandb{spec}: give the range an upper bound (a newer format is untested)"
+    lower = min(fixture_versions)
+    admitted = {(0, m) for m in range(lower.minor, 100) if Version(f"0.{m}.0") in spec}
+    assert admitted <= {(v.major, v.minor) for v in fixture_versions}, (spec, fixture_versions)
+
+
+def test_installed_wandb_is_in_the_pinned_range():
+    wandb = pytest.importorskip("wandb")
+    from packaging.version import Version
+    assert Version(wandb.__version__) in _pinned_range(), (
+        f"wandb {wandb.__version__} is outside requirements.txt's wandb{_pinned_range()}: the reader is untested there")
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
+def test_reads_files_of_every_pinned_wandb_version(path):
+    pytest.importorskip("wandb")  # the record protobuf comes from the installed wandb
+    data = wf.read_wandb_file(path)
+    history = [{k: v for k, v in r.items() if not k.startswith("_")} for r in data["history"]]
+    assert history == _fixture_rows() and data["exit_code"] == 0 and data["project"] == "reader-fixture"
+    assert data["config"]["width"] == 64 and data["config"]["nested"] == {"lr": 0.02}
+    assert data["config"]["big"] == FIXTURE_BIG
+    assert data["summary"]["best_val_loss"] == 3.25 and data["summary"]["total_steps"] == 50
+    assert wf.is_finished(path)
+
+
+def write_fixture() -> Path:
+    import shutil
+    import tempfile
+    import wandb
+    out = Path(__file__).parent / "golden" / "wandb_files" / f"wandb-{wandb.__version__}.wandb"
+    with tempfile.TemporaryDirectory() as tmp:
+        for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+            os.environ[var] = str(Path(tmp) / var.lower())
+        os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+        run = wandb.init(project="reader-fixture", dir=tmp, mode="offline",
+                         config={"width": 64, "nested": {"lr": 0.02}, "big": FIXTURE_BIG})
+        for row in _fixture_rows():
+            run.log(row)
+        run.summary.update({"best_val_loss": 3.25, "total_steps": 50})
+        run.finish()
+        src = wf.find_wandb_file(tmp)
+        assert wf.wait_until_finished(src, timeout_s=10)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out)
+    return out
+
+
+if __name__ == "__main__":
+    if "--write-fixture" not in sys.argv:
+        sys.exit("usage: python tests/test_wandb_file.py --write-fixture   (with the wandb to record installed)")
+    print(f"wrote {write_fixture()}")
