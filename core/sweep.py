@@ -42,6 +42,8 @@ DEFAULT_LR = {"adam": TrainConfig.adam_lr, "muon": TrainConfig.muon_lr, "lr": 1.
 SWEPT = tuple(DEFAULT_LR)
 FIELDS = ["parametrisation", "swept", "width", "lr", "lr_mult", "seed", "final_val_loss", "steps", "status", "run"]
 PLAN_FILE = "plan.json"
+# train.py's exit 3 (SIGTERM/SIGINT: checkpointed), 128+N (a second signal: no checkpoint), -N (killed by N)
+STOPPED_CODES = {3, 130, 143, -2, -9, -15}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,9 +236,10 @@ def _finish(sweep_dir: Path, r: PlannedRun, code: int, seconds: float, counts: d
         counts["done"] += 1
         out.unlink(missing_ok=True)
         log(f"  diverged {r.name} ({seconds:.0f}s): non-finite loss, recorded as such")
-    elif code == 3:  # SIGTERM: checkpointed; the next `run` resumes it
+    elif code in STOPPED_CODES:  # a signal: an interruption, not a bad run; the next `run` resumes it
         counts["stopped"] += 1
-        log(f"  stopped {r.name} (checkpointed; resumes on the next run of the sweep)")
+        how = "checkpointed" if code == 3 else f"exit {code}, killed by a signal"
+        log(f"  stopped {r.name} ({how}; resumes on the next run of the sweep)")
     else:
         counts["failed"] += 1
         tail = out.read_text().strip().splitlines()[-3:] if out.exists() else []

@@ -114,3 +114,12 @@ def test_collect_writes_csv_verdict_and_figures(tmp_path):
     assert verdict["muP/adam"]["eta_star"]["64"]["mean"] == pytest.approx(0.016, rel=0.05)
     for png in ("transfer.png", "drift.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("code", [3, 143])
+def test_a_run_stopped_by_a_signal_is_resumed_later_not_recorded_as_failed(tmp_path, monkeypatch, code):
+    monkeypatch.setattr(sweep, "_command", lambda r, b, t, d, n, p: [sys.executable, "-c", f"raise SystemExit({code})"])
+    plan = sweep.make_plan(widths=[32], seeds=[1], params=["sp"], swept=["adam"], lr_mults=[1])
+    counts = sweep.run_sweep(tmp_path / "sw", plan, 32, [], log=lambda *_: None)
+    assert counts["stopped"] == 1 and counts["failed"] == 0
+    assert sweep.run_state(tmp_path / "sw", plan[0].name) == "todo"  # the next run of the sweep takes it again
