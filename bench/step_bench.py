@@ -1,17 +1,24 @@
-"""Step benchmark: tokens/s eager vs compiled, and the share of a step spent in data loading and
-in the optimizer step, for the training configuration of this machine (CPU defaults on a CPU).
+"""Step benchmark: tokens/s, achieved GFLOP/s and the fraction of the machine's measured sgemm peak,
+with the share of each phase of a training step (data, forward+backward, DistAdam, Muon), eager and
+compiled, for the training configurations of this machine.
 
-    python bench/step_bench.py                  # CPU default config, eager and compiled
-    python bench/step_bench.py --steps 20 --no-compile
-    python bench/step_bench.py --width 256 --seq-len 512
+    python bench/step_bench.py                                   # CPU default config, eager and compiled
+    python bench/step_bench.py --config bytes --widths 64 128 256 512 --modes eager   # the muP lab's byte proxy
+    python bench/step_bench.py --threads 1 --steps 3 --warmup 1
+    python bench/step_bench.py --validation                      # also: one validation pass, eager vs compiled
 
-Each phase is timed with a device synchronisation around it (so the numbers are honest on CUDA too);
-the table names the machine. The README quotes this table.
+Configurations: `default` is `train.py`'s CPU (or CUDA) default; `bytes` is the byte-vocabulary proxy
+(vocabulary 257, depth 4, head_dim 32, 4096 tokens/step in 512-token sequences) at each `--widths`.
+The sgemm peak is measured in the same process, at the same thread count, just before the table
+(best of several 2048^3 fp32 matmuls on a CPU, bf16 on CUDA). FLOPs are `core/mfu.py`'s analytic count
+at the mid-run attention window. Each phase is timed with a device synchronisation around it (honest on
+CUDA too). The load average is printed at the start and the end: on a shared machine, compare rows of
+one table, and repeat a table whose load was high. README and METRICS_ANALYSIS quote this table.
 """
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import statistics
 import sys
 import time
@@ -24,9 +31,12 @@ from bench.machine import cpu_model  # noqa: E402
 import torch  # noqa: E402
 
 from core.config import TrainConfig, grad_accum_steps, resolve_defaults  # noqa: E402
-from core.data import BatchLoader, resolve_data  # noqa: E402
-from core.distributed import pick_device  # noqa: E402
-from core.trainer import build_model, build_optimizer_pair, forward_backward, set_schedules  # noqa: E402
+from core.data import BatchLoader, resolve_data, val_batches  # noqa: E402
+from core.distributed import DistInfo, pick_device  # noqa: E402
+from core.mfu import flops_per_token  # noqa: E402
+from core.schedule import window_blocks  # noqa: E402
+from core.trainer import (build_model, build_optimizer_pair, evaluate, forward_backward,  # noqa: E402
+                          resolve_vocab, set_schedules)
 
 
 def machine_name(device: torch.device) -> str:
@@ -40,70 +50,141 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int) -> dict:
-    files = resolve_data(cfg.data_dir).train_files
+def sgemm_peak(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matmul (fp32 on CPU, bf16 on CUDA): the machine's dense peak here."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def make_config(name: str, width: int | None, device: torch.device) -> TrainConfig:
+    if name == "default":
+        cfg = TrainConfig(spectral_every=0, activations=False)
+    elif name == "bytes":  # the muP lab's byte-level proxy (scripts/transfer_lab.sh), 4096 tokens/step
+        cfg = TrainConfig(width=width, depth=4, head_dim=32, seq_len=512, batch_tokens=4096, val_seq_len=512,
+                          data="embedded-bytes", window_max=512, spectral_every=0, activations=False)
+    else:
+        raise ValueError(f"unknown configuration {name!r}: use default or bytes")
+    if name == "default" and width is not None:
+        cfg.width = width
+    resolve_defaults(cfg, device.type, env={})
+    return cfg
+
+
+def step_flops(cfg: TrainConfig, model, window: int) -> float:
+    mc = model.cfg
+    fpt = flops_per_token(depth=cfg.depth, width=cfg.width, head_dim=cfg.head_dim, vocab_size=mc.padded_vocab,
+                          mlp_ratio=mc.mlp_ratio, attn_layers=[mc.has_attention(i) for i in range(cfg.depth)],
+                          window_tokens=[128 * (window if mc.uses_long_window(i) else max(1, window // 2))
+                                         for i in range(cfg.depth)], seq_len=cfg.seq_len)
+    return fpt * cfg.batch_tokens
+
+
+def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int, validation: bool) -> dict:
+    data = resolve_data(cfg.data_dir, data=cfg.data)
+    resolve_vocab(cfg, data.vocab)
     model = build_model(cfg, device)
     adam, muon, _ = build_optimizer_pair(model, cfg)
     run_model = torch.compile(model, dynamic=False) if compiled else model
     accum = grad_accum_steps(cfg, 1)
-    loader = BatchLoader(files, cfg.seq_len, accum, device=device)
-    data_t, fb_t, opt_t = [], [], []
-    t_compile = time.perf_counter()
+    loader = BatchLoader(data.train_files, cfg.seq_len, accum, device=device, vocab=data.vocab)
+    window = window_blocks(cfg.iterations // 2, cfg.iterations, cfg.window_max)
+    phases = {"data": [], "fwd_bwd": [], "adam": [], "muon": []}
+    t_start = time.perf_counter()
+    warmup_s = 0.0
     for step in range(warmup + steps):
         sync(device)
         t0 = time.perf_counter()
         batches = loader.next_step()
         sync(device)
         t1 = time.perf_counter()
-        forward_backward(run_model, batches, 4, accum)
+        forward_backward(run_model, batches, window, accum)
         sync(device)
         t2 = time.perf_counter()
         set_schedules(cfg, [adam, muon], muon, step)
         adam.step()
+        sync(device)
+        t3 = time.perf_counter()
         muon.step()
         model.zero_grad(set_to_none=True)
         sync(device)
-        t3 = time.perf_counter()
+        t4 = time.perf_counter()
         if step == warmup - 1:
-            t_compile = time.perf_counter() - t_compile
+            warmup_s = t4 - t_start
         if step >= warmup:
-            data_t.append(t1 - t0)
-            fb_t.append(t2 - t1)
-            opt_t.append(t3 - t2)
-    step_t = [a + b + c for a, b, c in zip(data_t, fb_t, opt_t)]
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                phases[k].append(dt)
+    step_t = [sum(x) for x in zip(*phases.values())]
     med = statistics.median(step_t)
-    return {"mode": "compiled" if compiled else "eager", "step_ms": 1000 * med,
-            "tokens_per_s": cfg.batch_tokens / med,
-            "data_pct": 100 * statistics.median(data_t) / med, "fwd_bwd_pct": 100 * statistics.median(fb_t) / med,
-            "opt_pct": 100 * statistics.median(opt_t) / med, "warmup_s": t_compile}
+    flops = step_flops(cfg, model, window)
+    row = {"mode": "compiled" if compiled else "eager", "step_s": med, "tokens_per_s": cfg.batch_tokens / med,
+           "gflops": flops / med / 1e9, "step_gflop": flops / 1e9, "warmup_s": warmup_s,
+           **{f"{k}_pct": 100 * statistics.median(v) / med for k, v in phases.items()}}
+    if validation:  # one validation pass of the run's fixed set: first call (compiles), then timed
+        val_tokens = cfg.val_tokens or data.val_tokens
+        val_set = val_batches(data.val_files, cfg.val_seq_len, val_tokens, device=device, vocab=data.vocab)
+        info = DistInfo(rank=0, local_rank=0, world_size=1, device=device, backend=None)
+        t = time.perf_counter()
+        evaluate(run_model, val_set[:1], window, info)
+        row["val_first_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        evaluate(run_model, val_set, window, info)
+        row["val_pass_s"] = time.perf_counter() - t
+        row["val_tokens"] = val_tokens
+    return row
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=10, help="measured steps per mode")
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation happens here)")
-    p.add_argument("--no-compile", action="store_true", help="skip the compiled mode")
-    p.add_argument("--width", type=int)
-    p.add_argument("--depth", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--batch-tokens", type=int)
+    p.add_argument("--config", choices=["default", "bytes"], default="default")
+    p.add_argument("--widths", type=int, nargs="*", help="widths to run (bytes: default 64 128 256 512)")
+    p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    p.add_argument("--steps", type=int, default=5, help="measured steps per row")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (compilation happens here)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. the cores)")
+    p.add_argument("--validation", action="store_true", help="also time one validation pass per row")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = pick_device(a.device)
-    cfg = resolve_defaults(TrainConfig(width=a.width, depth=a.depth, seq_len=a.seq_len, batch_tokens=a.batch_tokens,
-                                       spectral_every=0, activations=False), device.type, env={})
-    rows = [bench(cfg, device, False, a.steps, a.warmup)]
-    if not a.no_compile:
-        rows.append(bench(cfg, device, True, a.steps, a.warmup))
-    import os
-    print(f"load average at the end: {os.getloadavg()[0]:.2f} (other processes share the cores: compare rows, not machines)")
-    print(f"machine: {machine_name(device)} | torch {torch.__version__} | config: depth {cfg.depth} width {cfg.width} "
-          f"seq_len {cfg.seq_len} batch {cfg.batch_tokens} tokens | median of {a.steps} steps after {a.warmup} warm-up")
-    print(f"| mode | step (ms) | tokens/s | data loading | forward+backward | optimizer step | warm-up (s) |")
-    print(f"|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['mode']} | {r['step_ms']:.0f} | {r['tokens_per_s']:.0f} | {r['data_pct']:.2f}% | "
-              f"{r['fwd_bwd_pct']:.1f}% | {r['opt_pct']:.1f}% | {r['warmup_s']:.1f} |")
+    widths = a.widths or ([64, 128, 256, 512] if a.config == "bytes" else [None])
+    load_start = os.getloadavg()
+    t_all = time.perf_counter()
+    rows = []
+    for w in widths:
+        for mode in a.modes:
+            cfg = make_config(a.config, w, device)
+            r = bench(cfg, device, mode == "compiled", a.steps, a.warmup, a.validation)
+            rows.append((cfg, r))
+    peak = sgemm_peak(device)
+    load_end = os.getloadavg()
+    cfg0 = rows[0][0]
+    print(f"machine: {machine_name(device)} | torch {torch.__version__} | measured sgemm peak "
+          f"{peak / 1e9:.0f} GFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'} 2048^3)")
+    print(f"load average (1 min): start {load_start[0]:.2f}, end {load_end[0]:.2f} | {time.perf_counter() - t_all:.0f} s"
+          " | other processes share the cores: repeat a table whose load was high")
+    print(f"config {a.config}: depth {cfg0.depth} head_dim {cfg0.head_dim} seq_len {cfg0.seq_len} batch "
+          f"{cfg0.batch_tokens} tokens vocab {cfg0.vocab_size} | median of {a.steps} steps after {a.warmup} warm-up")
+    print("| width | mode | step (ms) | tokens/s | GFLOP/step | GFLOP/s | % of sgemm peak | data | fwd+bwd | DistAdam | "
+          "Muon | warm-up (s) |" + (" val pass (s) | first val call (s) |" if a.validation else ""))
+    print("|---" * (12 + 2 * a.validation) + "|")
+    for cfg, r in rows:
+        line = (f"| {cfg.width} | {r['mode']} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:.0f} | {r['step_gflop']:.1f} | "
+                f"{r['gflops']:.1f} | {100 * r['gflops'] * 1e9 / peak:.1f}% | {r['data_pct']:.2f}% | "
+                f"{r['fwd_bwd_pct']:.1f}% | {r['adam_pct']:.1f}% | {r['muon_pct']:.1f}% | {r['warmup_s']:.1f} |")
+        if a.validation:
+            line += f" {r['val_pass_s']:.1f} | {r['val_first_s']:.1f} |"
+        print(line)
     return 0
 
 
