@@ -54,7 +54,7 @@ class TrainConfig:
     window_max: int = 1792            # long sliding window at the end of training, tokens (grows from 128)
     # --- runtime -----------------------------------------------------------------------------
     device: str = "auto"              # auto | cpu | cuda
-    compile: str = "auto"             # auto | true | false; auto compiles on CUDA only
+    compile: str = "auto"             # auto | true | false; auto: CUDA always, CPU when the run pays back the compile time (core/compile.py)
     fp8: str = "auto"                 # auto | on | off; FP8 lm_head (auto: on for CUDA sm>=89)
     seed: int = 1337                  # model init and data order are deterministic given the seed
     warmup_steps: int | None = None   # kernel warm-up steps whose state is discarded (CUDA 10, CPU 0)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from core import mup
+from core.compile import describe_compiled, resolve_compile, run_train_tflop
 from core.config import ConfigError, TrainConfig, grad_accum_steps, resolve_defaults, validate
 from core.data import GPT2_VOCAB, Vocab, declared_vocab
 from core.distributed import DistInfo, all_reduce_mean, broadcast_object, setup_distributed, teardown
@@ -177,7 +178,7 @@ def run(cfg: TrainConfig) -> RunResult:
         grad_accum = grad_accum_steps(cfg, info.world_size)
         fp8_mode, fp8_reason = resolve_fp8_mode(cfg.fp8, device)  # --fp8 on where FP8 cannot run: exit 2
         fp8_warning = fp8_fallback_warning(cfg.fp8, fp8_mode, device)
-        use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+        use_compile, compile_reason = resolve_compile(cfg.compile, device, run_train_tflop(cfg))
 
         # data first: bad shards fail before any model is built (rank 0 builds the embedded cache)
         if info.is_main:
@@ -264,7 +265,8 @@ def run(cfg: TrainConfig) -> RunResult:
         log(f"batch: {tokens_per_step:,} tokens/step = {info.world_size} rank(s) x {grad_accum} accumulation x "
             f"{cfg.seq_len} seq_len | {cfg.iterations} steps | val every {cfg.val_every}")
         log(f"attention: {'FlexAttention (compiled)' if device.type == 'cuda' else 'scaled_dot_product_attention with the same document-causal sliding-window mask (FlexAttention has no CPU backward)'}")
-        log(f"fp8 lm_head: {fp8_mode} ({fp8_reason}) | compile: {use_compile} | dtype: "
+        log(f"compile: {use_compile} ({compile_reason}); compiled: {describe_compiled(use_compile, device)}")
+        log(f"fp8 lm_head: {fp8_mode} ({fp8_reason}) | dtype: "
             f"{'bf16 activations' if device.type == 'cuda' else 'fp32'} | Muon Newton-Schulz in "
             f"{resolved['ns_dtype']} ({'tensor cores' if device.type == 'cuda' else 'bf16 would be emulated on a CPU'})")
         if cfg.lr_mult != 1.0:
