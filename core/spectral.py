@@ -17,15 +17,16 @@ Modes (`mode=`):
   METRICS_ANALYSIS.md).
 - ``"ns5-fast"`` / ``"ns3-accurate"``: the user's design. A Newton-Schulz polar factor Q of W
   (quintic Muon coefficients (3.4445, -4.7750, 2.0315), 5 steps; or the classical cubic
-  X <- 1.5 X - 0.5 X X^T X), in bfloat16, then power iteration on v -> Q^T (W v) without forming
-  Q^T W; bf16 matmuls, fp32 norms. Caveat, measured rather than assumed: NS iterates are odd
+  X <- 1.5 X - 0.5 X X^T X), in Muon's dtype (`ns_dtype`: bf16 on CUDA, fp32 on a CPU, where bf16 is
+  emulated: 2.3x / 3.2x slower per call for the same estimates, issue 10), then power iteration on
+  v -> Q^T (W v) without forming Q^T W; matmuls in that dtype, fp32 norms. Caveat, measured rather than assumed: NS iterates are odd
   polynomials p(W) = U p(S) V^T, so Q^T W = V p(S) S V^T and the estimate converges to
   max_i p(s_i) s_i, not to s_1. The quintic Muon coefficients deliberately do not converge to 1
   (the record's `zeropower_via_newtonschulz5` docstring: the output's singular values are roughly
   Uniform(0.5, 1.5); five steps map a rank-one matrix's 1 to 0.696), so **ns5-fast is biased by up
   to tens of percent**, in either direction;
   the cubic iteration does converge to 1 for the top singular values but only after ~12 steps from
-  a Frobenius-normalised start and is then limited by bf16 rounding. Also, power iteration on
+  a Frobenius-normalised start and is then limited by bf16 rounding on CUDA. Also, power iteration on
   |W| contracts by s_2/s_1 per step where power iteration on W^T W contracts by (s_2/s_1)^2 for the
   same two matmuls. Both modes are therefore slower *and* less accurate than ``"power"``; they are
   kept because the user's scripts name them. When the NS estimate is non-finite or its power
@@ -52,6 +53,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from core.optimizers import ns_dtype
 
 MODES = ("power", "ns5-fast", "ns3-accurate", "exact")
 DEFAULT_MODE = "power"
@@ -303,9 +306,9 @@ def _assemble(names: list[str], norms: list[Tensor], residuals: list[Tensor], fa
 # The user's Newton-Schulz modes
 
 
-def newton_schulz_polar(W: Tensor, mode: str, steps: int | None = None) -> Tensor:
-    """Approximate polar factor of W (B, m, n) in bfloat16, as Muon computes it (see module doc)."""
-    X = W.to(torch.bfloat16)
+def newton_schulz_polar(W: Tensor, mode: str, steps: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """Approximate polar factor of W (B, m, n) in Muon's dtype (`ns_dtype`: bf16 on CUDA, fp32 on CPU; see module doc)."""
+    X = W.to(ns_dtype(W.device) if dtype is None else dtype)
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT
@@ -325,14 +328,14 @@ def newton_schulz_polar(W: Tensor, mode: str, steps: int | None = None) -> Tenso
 
 
 def _ns_power(W: Tensor, Q: Tensor, iters: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Power iteration on H = Q^T W (bf16 matmuls, fp32 norms). Returns (lambda (B,), residual (B,))."""
+    """Power iteration on H = Q^T W (matmuls in Q's dtype, fp32 norms). Returns (lambda (B,), residual (B,))."""
     B, _, n = W.shape
-    Wb = W.to(torch.bfloat16)
+    Wb = W.to(Q.dtype)
     v = _random_block((B, n, 1), W.device, seed)  # fp32
     for _ in range(iters):
-        h = (Q.mT @ (Wb @ v.to(torch.bfloat16))).float()  # (B, n, 1)
+        h = (Q.mT @ (Wb @ v.to(Q.dtype))).float()  # (B, n, 1)
         v = h / h.norm(dim=-2, keepdim=True).clamp_min(1e-30)
-    h = (Q.mT @ (Wb @ v.to(torch.bfloat16))).float()
+    h = (Q.mT @ (Wb @ v.to(Q.dtype))).float()
     lam = (v * h).sum(dim=(-2, -1))  # Rayleigh quotient, v is unit
     res = (h - lam[:, None, None] * v).norm(dim=(-2, -1)) / lam.abs().clamp_min(1e-30)
     return lam, res
