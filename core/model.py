@@ -206,7 +206,10 @@ class Readout(nn.Module):
             z = fp8_linear(x, self.weight, self.x_s, self.w_s, self.grad_s, self.fp8)
         else:
             z = F.linear(x, self.weight.type_as(x))
-        return at_least_fp32(z) * self.output_mult
+        # x * 1.0 == x bitwise: skip the multiply when the multiplier is 1 (standard parametrisation); it is a
+        # pass over the (1, T, V) logits in the forward and one in the backward of an eager CPU step (issue 10)
+        z = at_least_fp32(z)
+        return z if self.output_mult == 1.0 else z * self.output_mult
 
 
 class GPT(nn.Module):
