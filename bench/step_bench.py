@@ -160,31 +160,36 @@ def main(argv=None) -> int:
     widths = a.widths or ([64, 128, 256, 512] if a.config == "bytes" else [None])
     load_start = os.getloadavg()
     t_all = time.perf_counter()
-    rows = []
+    peak = sgemm_peak(device)
+    header = ("| width | mode | step (ms) | tokens/s | GFLOP/step | GFLOP/s | % of sgemm peak | data | fwd+bwd | "
+              "DistAdam | Muon | warm-up (s) |" + (" val pass (s) | first val call (s) |" if a.validation else ""))
+    print(f"machine: {machine_name(device)} | torch {torch.__version__} | measured sgemm peak "
+          f"{peak / 1e9:.0f} GFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'} 2048^3, this process, before the rows)")
+    print(f"load average (1 min) at the start: {load_start[0]:.2f}")
+    first = True
     for w in widths:
         for mode in a.modes:
             cfg = make_config(a.config, w, device)
             r = bench(cfg, device, mode == "compiled", a.steps, a.warmup, a.validation)
-            rows.append((cfg, r))
-    peak = sgemm_peak(device)
+            if first:  # rows are printed as they finish, so a long table that is cut short keeps its rows
+                print(f"config {a.config}: depth {cfg.depth} head_dim {cfg.head_dim} seq_len {cfg.seq_len} batch "
+                      f"{cfg.batch_tokens} tokens vocab {cfg.vocab_size} | median of {a.steps} steps after "
+                      f"{a.warmup} warm-up")
+                print(header)
+                print("|---" * (12 + 2 * a.validation) + "|")
+                first = False
+            line = (f"| {cfg.width} | {r['mode']} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:.0f} | "
+                    f"{r['step_gflop']:.1f} | {r['gflops']:.1f} | {100 * r['gflops'] * 1e9 / peak:.1f}% | "
+                    f"{r['data_pct']:.2f}% | {r['fwd_bwd_pct']:.1f}% | {r['adam_pct']:.1f}% | {r['muon_pct']:.1f}% | "
+                    f"{r['warmup_s']:.1f} |")
+            if a.validation:
+                line += f" {r['val_pass_s']:.1f} | {r['val_first_s']:.1f} |"
+            print(line, flush=True)
+    peak_end = sgemm_peak(device)
     load_end = os.getloadavg()
-    cfg0 = rows[0][0]
-    print(f"machine: {machine_name(device)} | torch {torch.__version__} | measured sgemm peak "
-          f"{peak / 1e9:.0f} GFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'} 2048^3)")
-    print(f"load average (1 min): start {load_start[0]:.2f}, end {load_end[0]:.2f} | {time.perf_counter() - t_all:.0f} s"
-          " | other processes share the cores: repeat a table whose load was high")
-    print(f"config {a.config}: depth {cfg0.depth} head_dim {cfg0.head_dim} seq_len {cfg0.seq_len} batch "
-          f"{cfg0.batch_tokens} tokens vocab {cfg0.vocab_size} | median of {a.steps} steps after {a.warmup} warm-up")
-    print("| width | mode | step (ms) | tokens/s | GFLOP/step | GFLOP/s | % of sgemm peak | data | fwd+bwd | DistAdam | "
-          "Muon | warm-up (s) |" + (" val pass (s) | first val call (s) |" if a.validation else ""))
-    print("|---" * (12 + 2 * a.validation) + "|")
-    for cfg, r in rows:
-        line = (f"| {cfg.width} | {r['mode']} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:.0f} | {r['step_gflop']:.1f} | "
-                f"{r['gflops']:.1f} | {100 * r['gflops'] * 1e9 / peak:.1f}% | {r['data_pct']:.2f}% | "
-                f"{r['fwd_bwd_pct']:.1f}% | {r['adam_pct']:.1f}% | {r['muon_pct']:.1f}% | {r['warmup_s']:.1f} |")
-        if a.validation:
-            line += f" {r['val_pass_s']:.1f} | {r['val_first_s']:.1f} |"
-        print(line)
+    print(f"sgemm peak again after the rows: {peak_end / 1e9:.0f} GFLOP/s | load average (1 min) at the end: "
+          f"{load_end[0]:.2f} | {time.perf_counter() - t_all:.0f} s | other processes share the cores: repeat a "
+          "table whose load was high")
     return 0
 
 
