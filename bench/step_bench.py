@@ -11,7 +11,8 @@ Configurations: `default` is `train.py`'s CPU (or CUDA) default; `bytes` is the 
 (vocabulary 257, depth 4, head_dim 32, 4096 tokens/step in 512-token sequences) at each `--widths`.
 The sgemm peak is measured in the same process, at the same thread count, just before the table
 (best of several 2048^3 fp32 matmuls on a CPU, bf16 on CUDA). FLOPs are `core/mfu.py`'s analytic count
-at the mid-run attention window. Each phase is timed with a device synchronisation around it (honest on
+at the mid-run attention window
+(training only: Muon's Newton-Schulz is shown apart, as "NS5 GFLOP/step", and not counted in GFLOP/s). Each phase is timed with a device synchronisation around it (honest on
 CUDA too). The load average is printed at the start and the end: on a shared machine, compare rows of
 one table, and repeat a table whose load was high. README and METRICS_ANALYSIS quote this table.
 """
@@ -89,6 +90,17 @@ def step_flops(cfg: TrainConfig, model, window: int) -> float:
     return fpt * cfg.batch_tokens
 
 
+def ns5_flops(muon) -> float:
+    """FLOPs of one Muon step's Newton-Schulz (5 iterations of X X^T, A A, B X on the wide orientation)."""
+    total = 0.0
+    for g in muon.param_groups:
+        for p in g["params"]:
+            m, n = sorted(p.shape[-2:])
+            batch = p.numel() // (m * n)
+            total += batch * 5 * (4 * m * m * n + 2 * m ** 3)
+    return total
+
+
 def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int, validation: bool) -> dict:
     data = resolve_data(cfg.data_dir, data=cfg.data)
     resolve_vocab(cfg, data.vocab)
@@ -128,6 +140,7 @@ def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int, val
     flops = step_flops(cfg, model, window)
     row = {"mode": "compiled" if compiled else "eager", "step_s": med, "tokens_per_s": cfg.batch_tokens / med,
            "gflops": flops / med / 1e9, "step_gflop": flops / 1e9, "warmup_s": warmup_s,
+           "ns5_gflop": ns5_flops(muon) / 1e9,
            **{f"{k}_pct": 100 * statistics.median(v) / med for k, v in phases.items()}}
     if validation:  # one validation pass of the run's fixed set: first call (compiles), then timed
         val_tokens = cfg.val_tokens or data.val_tokens
@@ -162,7 +175,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     peak = sgemm_peak(device)
     header = ("| width | mode | step (ms) | tokens/s | GFLOP/step | GFLOP/s | % of sgemm peak | data | fwd+bwd | "
-              "DistAdam | Muon | warm-up (s) |" + (" val pass (s) | first val call (s) |" if a.validation else ""))
+              "DistAdam | Muon | NS5 GFLOP/step | warm-up (s) |" + (" val pass (s) | first val call (s) |" if a.validation else ""))
     print(f"machine: {machine_name(device)} | torch {torch.__version__} | measured sgemm peak "
           f"{peak / 1e9:.0f} GFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'} 2048^3, this process, before the rows)")
     print(f"load average (1 min) at the start: {load_start[0]:.2f}")
@@ -176,12 +189,12 @@ def main(argv=None) -> int:
                       f"{cfg.batch_tokens} tokens vocab {cfg.vocab_size} | median of {a.steps} steps after "
                       f"{a.warmup} warm-up")
                 print(header)
-                print("|---" * (12 + 2 * a.validation) + "|")
+                print("|---" * (13 + 2 * a.validation) + "|")
                 first = False
             line = (f"| {cfg.width} | {r['mode']} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:.0f} | "
                     f"{r['step_gflop']:.1f} | {r['gflops']:.1f} | {100 * r['gflops'] * 1e9 / peak:.1f}% | "
                     f"{r['data_pct']:.2f}% | {r['fwd_bwd_pct']:.1f}% | {r['adam_pct']:.1f}% | {r['muon_pct']:.1f}% | "
-                    f"{r['warmup_s']:.1f} |")
+                    f"{r['ns5_gflop']:.1f} | {r['warmup_s']:.1f} |")
             if a.validation:
                 line += f" {r['val_pass_s']:.1f} | {r['val_first_s']:.1f} |"
             print(line, flush=True)
