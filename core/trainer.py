@@ -178,7 +178,7 @@ def run(cfg: TrainConfig) -> RunResult:
         grad_accum = grad_accum_steps(cfg, info.world_size)
         fp8_mode, fp8_reason = resolve_fp8_mode(cfg.fp8, device)  # --fp8 on where FP8 cannot run: exit 2
         fp8_warning = fp8_fallback_warning(cfg.fp8, fp8_mode, device)
-        use_compile, compile_reason = resolve_compile(cfg.compile, device, run_train_tflop(cfg))
+        use_compile, compile_reason = resolve_compile(cfg.compile, device, run_train_tflop(cfg), cfg.vocab_size)
 
         # data first: bad shards fail before any model is built (rank 0 builds the embedded cache)
         if info.is_main:

@@ -33,6 +33,12 @@ def test_auto_on_cpu_compiles_the_default_run_but_not_a_tiny_one(monkeypatch):
                             "cpu", env={})
     compiled, why = cc.resolve_compile("auto", cpu, cc.run_train_tflop(tiny))
     assert not compiled and "--compile true" in why
+    # the byte vocabulary: little element-wise readout work to fuse, measured not to pay back
+    big_bytes = resolve_defaults(TrainConfig(width=512, depth=4, head_dim=32, seq_len=512, batch_tokens=4096,
+                                             vocab_size=257), "cpu", env={})
+    assert cc.run_train_tflop(big_bytes) > cc.CPU_COMPILE_MIN_TFLOP
+    compiled, why = cc.resolve_compile("auto", cpu, cc.run_train_tflop(big_bytes), 257)
+    assert not compiled and "vocabulary" in why
 
 
 def test_auto_on_cpu_without_a_cxx_compiler_stays_eager_and_says_why(monkeypatch):
