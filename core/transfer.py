@@ -17,7 +17,9 @@ For every parametrisation and swept LR (`muP/adam`, `SP/muon`, `mistake:no-reado
 5. Wider is better: at every grid LR within 2x of the base optimum, the seed-mean loss falls with width.
 
 PASS when the drift interval lies within +-DRIFT_TOL and at no width the regret exceeds REGRET_FRACTION of
-the gain. Both thresholds are printed with the numbers and written to verdict.json.
+the gain. Both thresholds are printed with the numbers and written to verdict.json. A sweep that cannot
+certify a PASS yet (fewer than MIN_SEEDS seeds at a width, fewer than 3 finite LR points, or a best LR on
+the grid's edge) is INCOMPLETE, unless what it has already fails.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ DRIFT_TOL = 0.25          # |d log2(eta*) / d log2(width)|: a quarter of a grid 
 REGRET_FRACTION = 1 / 3   # the regret of the base width's eta* may cost at most a third of the width gain
 FIT_POINTS = 5            # grid points in the quadratic fit around the best one (>= 3)
 BOOTSTRAP = 2000          # resamples for the intervals (a fixed RNG seed: the verdict is reproducible)
+MIN_SEEDS = 2             # an interval over seeds needs at least two; fewer: INCOMPLETE, never PASS
 INTERVAL = (2.5, 97.5)    # percentiles: a 95% bootstrap interval
 
 
@@ -173,13 +176,39 @@ def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> d
     for w, r in regret.items():
         if not r["ok"]:
             reasons.append(f"width {w}: regret {r['regret']:.4f} > {REGRET_FRACTION:.3g} x gain {r['gain']:.4f}")
-    return {"verdict": "PASS" if not reasons else "FAIL", "reasons": reasons, "widths": widths,
+    missing = _incomplete(curves, per_seed)
+    # A FAIL backed by intervals stands on an unbracketed optimum (the grid's edge only hides a larger drift
+    # in its direction); a PASS needs intervals (>= MIN_SEEDS seeds), >= 3 points per curve, bracketed optima.
+    enough_seeds = len(usable) >= 2 and all(len(curves[w]) >= MIN_SEEDS for w in widths)
+    verdict = "FAIL" if reasons and enough_seeds else ("INCOMPLETE" if missing or reasons else "PASS")
+    if not reasons and missing:
+        reasons = missing
+    elif verdict == "FAIL":
+        reasons += [f"(also: {m})" for m in missing]
+    return {"verdict": verdict, "reasons": reasons, "widths": widths,
             "seeds": sorted({s for w in widths for s in curves[w]}), "base_width": base,
             "eta_star": {str(w): eta[w] for w in widths}, "drift": drift,
             "regret": {str(w): r for w, r in regret.items()}, "wider_is_better": wider,
             "best_loss": {str(w): fits[w]["loss_star"] for w in widths},
             "thresholds": {"drift_tol": DRIFT_TOL, "regret_fraction": REGRET_FRACTION, "fit_points": FIT_POINTS,
                            "bootstrap": BOOTSTRAP, "interval_percentiles": list(INTERVAL)}}
+
+
+def _incomplete(curves: dict, per_seed: dict) -> list[str]:
+    """Why a sweep cannot certify a PASS yet: too few seeds, too few LR points, or an unbracketed optimum."""
+    out = []
+    for w in sorted(curves):
+        seeds = len(curves[w])
+        if seeds < MIN_SEEDS:
+            out.append(f"width {w}: {seeds} seed(s), an interval needs >= {MIN_SEEDS}")
+        points = min(int(np.isfinite(ys).sum()) for _, ys in curves[w].values())
+        if points < 3:
+            out.append(f"width {w}: {points} finite LR point(s) in some seed, a fit needs >= 3")
+        elif any(f["edge"] for f in per_seed[w].values()):
+            out.append(f"width {w}: the best LR is on the grid's edge in some seed (widen the grid)")
+    if len(curves) < 2:
+        out.append("fewer than 2 widths")
+    return out
 
 
 def verdicts(rows: list[dict], base_width: int | None = None) -> dict:
@@ -218,7 +247,7 @@ def report(result: dict) -> str:
         lines.append(f"  wider is better at every LR within 2x of the base optimum: "
                      + ("yes" if not worse else f"no (not at LR {', '.join(worse)})"))
         for reason in v["reasons"]:
-            lines.append(f"  FAIL: {reason}")
+            lines.append(f"  {'FAIL' if v['verdict'] == 'FAIL' else 'not yet'}: {reason}")
     return "\n".join(lines)
 
 

@@ -86,3 +86,16 @@ def test_verdicts_keyed_by_parametrisation_and_swept_lr():
         == ["PASS", "FAIL", "PASS", "FAIL"]
     text = transfer.report(result)
     assert "+-0.25" in text and "SP/adam: FAIL" in text and "muP/adam: PASS" in text
+
+
+def test_too_little_data_is_incomplete_never_pass():
+    one_seed = transfer.analyse(synthetic_rows(drift=0.0, seeds=(1,)), base_width=32)
+    assert one_seed["verdict"] == "INCOMPLETE" and any("needs >= 2" in r for r in one_seed["reasons"])
+    one_seed_drift = transfer.analyse(synthetic_rows(drift=-1.0, seeds=(1,)), base_width=32)
+    assert one_seed_drift["verdict"] == "INCOMPLETE"  # no interval: a FAIL is not backed either
+    rows = [r for r in synthetic_rows(drift=0.0) if r["lr"] == 1.0]  # one LR per width: no optimum to fit
+    assert transfer.analyse(rows, base_width=32)["verdict"] == "INCOMPLETE"
+    edge = transfer.analyse(synthetic_rows(drift=0.0, x0=3.4), base_width=32)  # the optimum beyond the grid
+    assert edge["verdict"] == "INCOMPLETE" and any("edge" in r for r in edge["reasons"])
+    leaving = transfer.analyse(synthetic_rows(drift=1.0, x0=0.0), base_width=32)  # drifts off the grid: still FAIL
+    assert leaving["verdict"] == "FAIL"
