@@ -33,7 +33,7 @@ mean time per log step, plus the spectral and activation groups' mean time per c
 interval, over the off step time; exact even when the run is shorter than the interval) and the
 projections for other intervals (from the per-call medians, which a loaded machine inflates less).
 
-The step mirrors core/trainer.py (the trainer's functions are called, not copied): data, forward +
+The step mirrors core/trainer.py (the building blocks of core/steps.py are called, not copied): data, forward +
 backward (activation hooks on activation steps), grad norm, the non-finite guard, LR/momentum
 schedules, spectral snapshot, DistAdam + Muon step, param norm / update ratios / spectral norms, and
 on log steps the single read-back, the step line, metrics.jsonl and W&B. Eager model (no torch.compile),
@@ -71,7 +71,7 @@ from core.logger import SimpleLogger, format_step_line  # noqa: E402
 from core.monitor import TrainingMonitor  # noqa: E402
 from core.schedule import window_blocks  # noqa: E402
 from core.spectral import SpectralNormTracker, matrix_slices  # noqa: E402
-from core.trainer import (_activation_modules, build_model, build_optimizer_pair, forward_backward,  # noqa: E402
+from core.steps import (activation_modules, build_model, build_optimizer_pair, forward_backward,  # noqa: E402
                           memory_metrics, set_schedules)
 
 MODES = ("off", "default", "research")
@@ -195,7 +195,7 @@ class Bench:
         self.guard = NonFiniteGuard(self.model, kinds, self.optimizers, policy="abort", device=device)
         # one tracker for the two spectral modes: after its first (cold) call every call is warm, as in a run
         self.tracker = SpectralNormTracker()
-        act_modules = _activation_modules(self.model)
+        act_modules = activation_modules(self.model)
         self.n_act_modules = len(act_modules)
         self.monitors = {}
         for mode, (log_every, spectral_every, activations) in MODE_SETTINGS.items():

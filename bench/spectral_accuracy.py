@@ -119,7 +119,7 @@ def train_and_track(args) -> tuple[dict[str, torch.Tensor], dict]:
     from core.config import TrainConfig, resolve_defaults
     from core.data import BatchLoader, resolve_data
     from core.schedule import window_blocks
-    from core.trainer import build_model, build_optimizer_pair, forward_backward, set_schedules
+    from core.steps import build_model, build_optimizer_pair, forward_backward, set_schedules
 
     cfg = TrainConfig(width=args.width, depth=args.depth, head_dim=args.head_dim, seq_len=args.seq_len,
                       batch_tokens=args.seq_len, iterations=args.train_steps, device="cpu")

@@ -3,7 +3,7 @@
     python scripts/probe_first_updates.py --widths 512 1024 2048 --seq-len 256       # ~5 min on CPU
     python scripts/probe_first_updates.py --widths 32 128 512 --seq-len 4096 --mup
 
-Per width, training as `python -m core.mup coord-check` does (same data, same seed):
+Per width, training as `python -m core.coord_check` does (same data, same seed):
   step 1's gradient of the first attention output projection (zero-initialised, so its first update
   comes from this gradient): `s1/|G|_F`, the share of the Frobenius norm in its top singular value
   (1.0 = rank one), and how many singular values of NS5(G) and of the exact polar factor exceed 0.5
@@ -29,7 +29,7 @@ from core.coord_check import check_config  # noqa: E402
 from core.data import BatchLoader, resolve_data  # noqa: E402
 from core.model import sequence_len_ok  # noqa: E402
 from core.optimizers import polar_factor_svd, zeropower_via_newtonschulz5  # noqa: E402
-from core.trainer import build_model, build_optimizer_pair, forward_backward, set_schedules  # noqa: E402
+from core.steps import build_model, build_optimizer_pair, forward_backward, set_schedules  # noqa: E402
 
 
 def probe(width: int, base_width: int, seq_len: int, use_mup: bool, depth: int, head_dim: int, files) -> dict:
