@@ -6,8 +6,9 @@ with width (for this model mainly the logits, since Muon already keeps hidden up
 
 Two entry points:
   - `CoordRecorder`: used by `train.py --coord-check` to record sizes during a real run;
-  - `python -m core.mup coord-check --widths 64 128 256 512 --steps 10 --seeds 3`: trains each width
-    a few steps on the same data, muP and standard, writes PNG plots and prints a verdict per layer type.
+  - `python -m core.coord_check --widths 64 128 256 512 --steps 10 --seeds 3` (also under its old name
+    `python -m core.mup coord-check`): trains each width a few steps on the same data, muP and standard,
+    with the trainer's building blocks (core/steps.py), writes PNG plots and prints a verdict per layer type.
 
 Tokens per step matter. The hidden output projections start at zero and the readout too, so the first
 nonzero attention/MLP outputs (step 2) come from ONE orthogonalised update whose row space is spanned
@@ -49,7 +50,13 @@ import torch
 import torch.nn as nn
 
 from core.attention import BLOCK_SIZE
+from core.config import TrainConfig, resolve_defaults
+from core.data import BUILTIN_CORPORA, BatchLoader, resolve_data
+from core.logger import log_summary_run
 from core.model import sequence_len_ok
+from core.mup import MUP_MISTAKES
+from core.optimizers import ORTHOGONALIZERS
+from core.steps import build_model, build_optimizer_pair, forward_backward, set_schedules
 
 LAYER_TYPES = ("embed", "attn", "mlp", "residual", "readout", "logits")
 HIDDEN_TYPES = ("embed", "attn", "mlp", "residual")
@@ -150,7 +157,6 @@ def check_config(width: int, base_width: int, use_mup: bool, seed: int, seq_len:
     """One coordinate-check run: the CPU defaults (eager, no FP8), one packed sequence of `seq_len` tokens
     per step, a constant LR (no cooldown within the few steps), spectral norms and activation hooks off.
     `vocab` (core.data.Vocab): the data's (None: GPT-2); `mistake`: a muP negative control (core/mup.py)."""
-    from core.config import TrainConfig, resolve_defaults
     cfg = TrainConfig(width=width, depth=depth, head_dim=head_dim, seq_len=seq_len, batch_tokens=seq_len,
                       val_seq_len=seq_len, iterations=1000, cooldown_frac=0.0, seed=seed, mup=use_mup,
                       base_width=base_width if use_mup else None, spectral_every=0, activations=False,
@@ -181,9 +187,6 @@ def measure(widths: list[int], steps: int, seeds: list[int], *, use_mup: bool, s
     proxy). `mistake`: a muP negative control. The model runs eagerly (forward hooks do not fire in a
     compiled graph); a frozen copy of the initial model gives the `_delta` types on the same batches.
     """
-    from core.data import BatchLoader, resolve_data
-    from core.optimizers import ORTHOGONALIZERS
-    from core.trainer import build_model, build_optimizer_pair, forward_backward, set_schedules
     source = resolve_data(None, data=data)
     base = min(widths)
     out = {}
@@ -266,7 +269,7 @@ def _plotted_types(results: dict) -> list[str]:
 
 def plot(results: dict, steps: int, path: Path) -> Path:
     """One panel per layer type and parametrisation: size vs width (log-log), one line per step."""
-    import matplotlib
+    import matplotlib  # here, not at the top: only the multi-width check plots, and matplotlib is slow to import
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     params = list(results)
@@ -353,8 +356,6 @@ def format_report(report: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from core.data import BUILTIN_CORPORA
-    from core.mup import MUP_MISTAKES
     p = argparse.ArgumentParser(prog="python -m core.coord_check",
                                 description="Coordinate check of muP vs the standard parametrisation across widths.")
     p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
@@ -403,7 +404,6 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"plots: {out_dir / 'coord_check.png'}  data: {out_dir / 'coord_check.json'}")
     if a.use_wandb != "false":
-        from core.logger import log_summary_run
         log_summary_run(project="speedrun-mup", group=out_dir.name, name=f"{out_dir.name}-coord-check",
                         images={"coord_check/figure": out_dir / "coord_check.png"},
                         summary={f"verdict/{n}": "PASS" if passed(r["verdict"]) else "FAIL" for n, r in report.items()},

@@ -41,14 +41,20 @@ mistake on top of the rules, so that the coordinate check and the transfer verdi
 [TP5]   Yang et al., "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot Hyperparameter
         Transfer", arXiv:2203.03466, Table 3.
 InfShape follows microsoft/mup `mup/shape.py` (`set_base_shapes`): a dimension is infinite when it
-differs between the base-width model and a delta-width model.
+differs between the base-width model and a delta-width model. `infer_infshapes` builds those models with
+the class it is given (`apply_mup` passes the model's own), so this module imports no model: the model
+imports it. The coordinate check is core/coord_check.py (`python -m core.coord_check`).
 """
 from __future__ import annotations
 
 import math
+import runpy
+import sys
 from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
+import torch.nn as nn
 
 # ---------------------------------------------------------------------------------------------
 # Readout and FP8 scales (used by core/model.py)
@@ -128,25 +134,27 @@ class InfShape:
         return "(" + ", ".join(f"{d.dim}/{d.base_dim}" if d.is_infinite else str(d.dim) for d in self.dims) + ")"
 
 
-def _meta_shapes(cfg) -> dict[str, torch.Size]:
-    from core.model import GPT  # local import: core.model imports this module
+def _meta_shapes(build: Callable[[Any], nn.Module], cfg) -> dict[str, torch.Size]:
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = build(cfg)
     return {name: p.shape for name, p in model.named_parameters()}
 
 
-def infer_infshapes(cfg, base_width: int, delta_width: int | None = None) -> dict[str, InfShape]:
-    """InfShape of every parameter of GPT(cfg), by comparing with models at base and delta widths.
+def infer_infshapes(build: Callable[[Any], nn.Module], cfg, base_width: int,
+                    delta_width: int | None = None) -> dict[str, InfShape]:
+    """InfShape of every parameter of `build(cfg)`, by comparing with models at base and delta widths.
 
-    The comparison models are built on the meta device, so this allocates nothing.
+    `build` makes the model from a config dataclass with `width` and `base_width` fields (the model's
+    class, e.g. `GPT`); this module imports no model. The comparison models are built on the meta
+    device, so this allocates nothing.
     """
     if delta_width is None:
         delta_width = 2 * base_width  # any width other than the base tells the scaling dims apart
     if delta_width == base_width:
         raise ValueError("delta_width must differ from base_width to tell which dimensions scale")
-    target = _meta_shapes(cfg)
-    base = _meta_shapes(replace(cfg, width=base_width, base_width=base_width))
-    delta = _meta_shapes(replace(cfg, width=delta_width, base_width=base_width))
+    target = _meta_shapes(build, cfg)
+    base = _meta_shapes(build, replace(cfg, width=base_width, base_width=base_width))
+    delta = _meta_shapes(build, replace(cfg, width=delta_width, base_width=base_width))
     shapes = {}
     for name, shape in target.items():
         b, dl = base[name], delta[name]
@@ -203,11 +211,12 @@ def mistake_lr_multiplier(kind: str, m: float, mistake: str | None) -> float:
 def apply_mup(model, base_width: int) -> dict[str, tuple[InfShape, float]]:
     """Attach `infshape` to every parameter and multiply its muP LR factor into `p.lr_mul`.
 
-    Returns {name: (infshape, lr multiplier)} for logging. Call before building the optimizers
+    `model` has a `cfg` that its class builds it from (as GPT) and a `param_kinds()` (the rule of each
+    parameter). Returns {name: (infshape, lr multiplier)} for logging. Call before building the optimizers
     (core/optimizers.build_optimizers multiplies its per-kind defaults into an existing lr_mul).
     A negative control (`model.cfg.mup_mistake`) multiplies its factor in as well.
     """
-    shapes = infer_infshapes(model.cfg, base_width)
+    shapes = infer_infshapes(type(model), model.cfg, base_width)
     kinds = model.param_kinds()
     mistake = getattr(model.cfg, "mup_mistake", None)
     m = model.cfg.width / base_width
@@ -229,9 +238,11 @@ def describe_rules() -> str:
 
 
 if __name__ == "__main__":
-    import sys
+    # `python -m core.mup coord-check ...`, the command's old name: it lives in core/coord_check.py
+    # (`python -m core.coord_check ...`). runpy hands over by module name, so this module, which the
+    # model imports, never imports the coordinate check.
     if len(sys.argv) < 2 or sys.argv[1] != "coord-check":
-        sys.exit("usage: python -m core.mup coord-check [--widths 64 128 256 512] [--steps 10] [--seeds 3] "
-                 "[--out-dir logs/coord_check]")
-    from core.coord_check import main
-    sys.exit(main(sys.argv[2:]))
+        sys.exit("usage: python -m core.coord_check [--widths 64 128 256 512] [--steps 10] [--seeds 3] "
+                 "[--out-dir logs/coord_check]   (also as: python -m core.mup coord-check ...)")
+    sys.argv = ["python -m core.coord_check", *sys.argv[2:]]
+    runpy.run_module("core.coord_check", run_name="__main__", alter_sys=True)

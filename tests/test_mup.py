@@ -21,7 +21,7 @@ def train_cfg(**kw):
 
 def test_infshape_marks_exactly_the_width_dimensions():
     cfg = GPTConfig(depth=12, width=512, head_dim=64, max_seq_len=256, mup=True, base_width=128)
-    shapes = mup.infer_infshapes(cfg, base_width=128)
+    shapes = mup.infer_infshapes(GPT, cfg, base_width=128)
     inf = {name: tuple(d.is_infinite for d in s.dims) for name, s in shapes.items()}
     assert inf["embed.weight"] == (False, True)              # (vocab, width)
     assert inf["value_embeds.0.weight"] == (False, True)
@@ -38,7 +38,7 @@ def test_infshape_marks_exactly_the_width_dimensions():
 
 def test_lr_multipliers_follow_the_table():
     cfg = GPTConfig(depth=4, width=256, head_dim=32, max_seq_len=64, mup=True, base_width=64)
-    shapes = mup.infer_infshapes(cfg, base_width=64)
+    shapes = mup.infer_infshapes(GPT, cfg, base_width=64)
     kinds = GPT(cfg).param_kinds()
     for name, kind in kinds.items():
         assert mup.lr_multiplier(kind, shapes[name]) == 1.0  # Muon hidden and vector-like Adam: constant
