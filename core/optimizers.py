@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from core.schedule import muon_momentum  # the one formula of the Muon momentum warm-up
+
 # -----------------------------------------------------------------------------
 # Newton-Schulz orthogonalisation
 
@@ -399,34 +401,12 @@ def build_optimizers(model: torch.nn.Module, param_kinds: dict[str, str], *, ada
 
     # remove_duplicate=False so a parameter shared under two names (tied weights) is seen twice.
     named = list(model.named_parameters(remove_duplicate=False))
-    model_names = {n for n, _ in named}
-    missing = sorted(model_names - set(param_kinds))
-    unknown_names = sorted(set(param_kinds) - model_names)
-    bad_kinds = sorted(f"{n}={k!r}" for n, k in param_kinds.items() if k not in PARAM_KINDS)
-    kind_of: dict[Tensor, str] = {}
-    names_of: dict[Tensor, list[str]] = {}
-    for n, p in named:
-        names_of.setdefault(p, []).append(n)
-    doubly = sorted(" & ".join(f"{n}={param_kinds.get(n)!r}" for n in ns) for ns in names_of.values()
-                    if len({param_kinds.get(n) for n in ns}) > 1)
-    vectors_in_muon = sorted(n for n, p in named if param_kinds.get(n) == "hidden" and p.ndim < 2)
-    problems = []
-    if missing:
-        problems.append(f"parameters with no kind (add them to param_kinds): {missing}")
-    if unknown_names:
-        problems.append(f"names that are not parameters of the model (remove or rename them): {unknown_names}")
-    if bad_kinds:
-        problems.append(f"unknown kinds (valid: {list(PARAM_KINDS)}): {bad_kinds}")
-    if doubly:
-        problems.append(f"one parameter assigned to two different kinds: {doubly}")
-    if vectors_in_muon:
-        problems.append(f"'hidden' (Muon) parameters must have >= 2 dims; give these kind 'scalar': {vectors_in_muon}")
+    problems = _param_kind_problems(named, param_kinds)
     if problems:
         raise ValueError("build_optimizers: every parameter must belong to exactly one optimizer group.\n  "
                          + "\n  ".join(problems))
 
-    for n, p in named:
-        kind_of[p] = param_kinds[n]
+    kind_of: dict[Tensor, str] = {p: param_kinds[n] for n, p in named}
     for p, kind in kind_of.items():
         base = getattr(p, "lr_mul", 1.0) / getattr(p, "_kind_lr_mul", 1.0)
         p._kind_lr_mul = muls[kind]
@@ -461,13 +441,38 @@ def build_optimizers(model: torch.nn.Module, param_kinds: dict[str, str], *, ada
     return adam, muon
 
 
+def _param_kind_problems(named: list[tuple[str, Tensor]], param_kinds: dict[str, str]) -> list[str]:
+    """What is wrong with `param_kinds` for these (name, parameter) pairs, one line per kind of problem."""
+    model_names = {n for n, _ in named}
+    missing = sorted(model_names - set(param_kinds))
+    unknown_names = sorted(set(param_kinds) - model_names)
+    bad_kinds = sorted(f"{n}={k!r}" for n, k in param_kinds.items() if k not in PARAM_KINDS)
+    names_of: dict[Tensor, list[str]] = {}
+    for n, p in named:
+        names_of.setdefault(p, []).append(n)
+    doubly = sorted(" & ".join(f"{n}={param_kinds.get(n)!r}" for n in ns) for ns in names_of.values()
+                    if len({param_kinds.get(n) for n in ns}) > 1)
+    vectors_in_muon = sorted(n for n, p in named if param_kinds.get(n) == "hidden" and p.ndim < 2)
+    problems = []
+    if missing:
+        problems.append(f"parameters with no kind (add them to param_kinds): {missing}")
+    if unknown_names:
+        problems.append(f"names that are not parameters of the model (remove or rename them): {unknown_names}")
+    if bad_kinds:
+        problems.append(f"unknown kinds (valid: {list(PARAM_KINDS)}): {bad_kinds}")
+    if doubly:
+        problems.append(f"one parameter assigned to two different kinds: {doubly}")
+    if vectors_in_muon:
+        problems.append(f"'hidden' (Muon) parameters must have >= 2 dims; give these kind 'scalar': {vectors_in_muon}")
+    return problems
+
+
 def set_muon_momentum(muon: Muon, step: int, warmup_steps: int = 300, start: float = 0.85,
                       end: float = 0.95) -> float:
     """Warm Muon's momentum up linearly from `start` to `end` over `warmup_steps` steps (reference record).
 
     Sets `group["momentum"]` on every group and returns the value (for the `Optimization/momentum` metric).
     """
-    from core.schedule import muon_momentum  # the one formula of the warm-up
     momentum = muon_momentum(max(step, 0), warmup_steps, start, end)
     for group in muon.param_groups:
         group["momentum"] = momentum
