@@ -35,6 +35,7 @@ show that the previous checkpoint survives and resumes.
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -49,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from core.config import ConfigError, TrainConfig
+from core.guard import NonFiniteError  # the guard owns the error the trainer maps to its exit code
 
 FORMAT = "speedrun-mup-checkpoint"
 FORMAT_VERSION = 1
@@ -172,7 +174,6 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     kill_at = os.environ.get(TEST_KILL_ENV)
     kill_after = None
     if kill_at is not None and step is not None and kill_at.strip() == str(step):
-        import io
         probe = io.BytesIO()  # size of the file, so the test kill lands in the middle of it
         torch.save(payload, probe)
         kill_after = max(1, probe.tell() // 2)
@@ -521,7 +522,6 @@ def build_payload(*, step: int, cfg: TrainConfig, info, model: torch.nn.Module, 
                   trainer_state: dict, wandb_run_id: str | None) -> dict | None:
     """The checkpoint of the run after `step` steps; every rank must call it (collectives), rank 0 gets the
     payload, the others None. Raises NonFiniteError (on every rank) if any value to be saved is NaN/inf."""
-    from core.guard import NonFiniteError  # the guard owns the error the trainer maps to its exit code
     bad = _local_non_finite(model, (adam, muon))
     if info.distributed:
         flag = torch.tensor([1.0 if bad else 0.0], device=info.device)

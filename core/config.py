@@ -8,8 +8,10 @@ step, 1750 steps); on CPU a small configuration that trains visibly in a few min
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 from core.attention import BLOCK_SIZE
@@ -127,8 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _field_help() -> dict[str, str]:
     """Help strings are the field comments above, so they cannot drift from the code."""
-    import inspect
-    import re
     helps = {}
     for line in inspect.getsource(TrainConfig).splitlines():
         m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)

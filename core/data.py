@@ -42,6 +42,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+try:
+    import fcntl  # POSIX only: the cache lock is a no-op without it
+except ImportError:
+    fcntl = None
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
@@ -303,7 +308,7 @@ def write_token_shards(docs: Iterable[np.ndarray], out_dir: str | Path, prefix: 
     n_val_docs = n_train_docs = 0
     bar = None
     if progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # here, not at the top: only a progress bar needs it
         bar = tqdm(unit="tok", unit_scale=True, desc=f"tokenizing -> {out_dir}")
     for doc in docs:
         in_val = n_val_docs < val_docs if val_docs is not None else val.total < val_tokens + 1
@@ -475,9 +480,7 @@ class _file_lock:
         self.f = None
 
     def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:
+        if fcntl is None:
             return self
         self.f = open(self.path, "a")
         fcntl.flock(self.f, fcntl.LOCK_EX)
@@ -485,7 +488,6 @@ class _file_lock:
 
     def __exit__(self, *exc):
         if self.f is not None:
-            import fcntl
             fcntl.flock(self.f, fcntl.LOCK_UN)
             self.f.close()
 

@@ -55,6 +55,8 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from core.wandb_file import wait_until_finished
+
 # ----------------------------------------------------------------------------------------------
 # W&B metric keys (SPEC section 6). The trainer and monitor build their dicts from these names.
 
@@ -501,7 +503,6 @@ class SimpleLogger:
                 # finish() returns before wandb-core has written the .wandb file out (see
                 # core.wandb_file.wait_until_finished); wait a little so that the file is complete
                 # when close() returns, e.g. for a sweep script that reads it next.
-                from core.wandb_file import wait_until_finished
                 if self._wandb_file is not None and not wait_until_finished(self._wandb_file, 10.0):
                     self.info(f"W&B: {self._wandb_file} is still being written; wandb completes it "
                               "before the process exits")
