@@ -4,8 +4,9 @@
 
   - `__init__`: one setup method per concern, in the order they run: config and the --resume
     checkpoint, data, logging, model (+ muP + optimizers), monitoring, loaders, kernel warm-up, resume;
-  - `train`: the loop, top to bottom; `train_step`, `evaluate`, `log_step` and `save_checkpoint` are
-    its parts, `_on_stop` and `_on_nonfinite` the two ways a guard ends a run (core/guard.py).
+  - `train`: the loop, top to bottom, made of `evaluate`, `train_step`, `log_step` and
+    `checkpoint_or_stop` (-> `save_checkpoint`); it ends in `_finish`, or in `_on_stop` / `_on_nonfinite`
+    when a guard ends the run (core/guard.py: a stop signal, a non-finite step).
 
 The building blocks of a step (`build_model`, `forward_backward`, `evaluate`, ...) live in
 core/steps.py, shared with the coordinate check, the benchmarks and the tests. The trainer calls them
@@ -25,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+import core.logger
 from core import checkpoint as ckpt_io
 from core import mup
 from core.compile import describe_compiled, resolve_compile, run_train_tflop
@@ -35,7 +37,7 @@ from core.distributed import DistInfo, all_reduce_mean, broadcast_object, setup_
 from core.fp8 import fallback_warning as fp8_fallback_warning, resolve_fp8_mode
 from core.fp8 import grad_scale_for_accumulation as fp8_grad_scale
 from core.guard import EXIT_NONFINITE, EXIT_STOPPED, GracefulStop, NonFiniteError, NonFiniteGuard, StopRequested
-from core.logger import SimpleLogger, default_wandb_project, format_step_line, make_run_name
+from core.logger import SimpleLogger, default_wandb_project, format_step_line
 from core.memory import PhasePeaks, allocator_note
 from core.mfu import detect_peak_flops, flops_per_token
 from core.monitor import TrainingMonitor
@@ -157,9 +159,10 @@ class Trainer:
     def _setup_logging(self) -> None:
         """Run name and folder, the logger (console, files, W&B), and the notes setup kept until now."""
         cfg, info, resumed = self.cfg, self.info, self.resumed
-        # rank 0's name on every rank: the timestamps of the ranks' clocks may differ by a second
+        # rank 0's name on every rank: the timestamps of the ranks' clocks may differ by a second (called
+        # through core.logger, so that a test can give each rank's clock its own second)
         cfg.run_name = broadcast_object(
-            cfg.run_name or make_run_name(mup=cfg.mup, width=cfg.width, base_width=cfg.base_width), info)
+            cfg.run_name or core.logger.make_run_name(mup=cfg.mup, width=cfg.width, base_width=cfg.base_width), info)
         self.run_dir = Path(cfg.log_dir) / cfg.run_name
         continuing = bool(cfg.resume) and self.run_dir.is_dir()  # a resumed run appends to its folder's logs
         if continuing and info.is_main:
