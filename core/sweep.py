@@ -33,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from core.config import ConfigError, TrainConfig, parse_args, resolve_defaults, validate
 from core.logger import parse_step_line
 from core.mup import MUP_MISTAKES
@@ -149,11 +151,7 @@ def run_state(sweep_dir: Path, name: str) -> str:
 def _slot_env(slot: int, jobs: int, nproc: int) -> dict[str, str]:
     """One thread per run when several share a CPU; on CUDA run k gets GPUs [k*nproc, (k+1)*nproc)."""
     env = dict(os.environ)
-    try:
-        import torch
-        gpus = torch.cuda.device_count()
-    except ImportError:
-        gpus = 0
+    gpus = torch.cuda.device_count()
     if gpus:
         if jobs * nproc > gpus:
             raise ConfigError(f"SWEEP_JOBS={jobs} x NPROC={nproc} needs {jobs * nproc} GPUs, this node has {gpus}")
@@ -332,7 +330,6 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def check_widths(widths: list[str], rest: list[str]) -> int:
-    import torch
     if not widths:
         print("error: the width list is empty: give the base width and at least one target width", file=sys.stderr)
         return 2

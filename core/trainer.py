@@ -107,6 +107,7 @@ class Trainer:
         self._setup_config()
         self._setup_data()
         self._setup_logging()
+        self.result = RunResult(run_dir=self.run_dir)  # what run() returns, filled in as the run goes
         self._log_environment()
         self._setup_model()
         self._log_model()
@@ -186,7 +187,6 @@ class Trainer:
         except PermissionError as e:
             raise ConfigError(str(e)) from None
         self.log = self.logger.info
-        self.result = RunResult(run_dir=self.run_dir)
         for note in self.notes:
             self.log(note)
 
