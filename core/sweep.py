@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from core import transfer
 from core.config import ConfigError, TrainConfig, parse_args, resolve_defaults, validate
 from core.logger import parse_step_line
 from core.mup import MUP_MISTAKES
@@ -343,6 +344,36 @@ def check_widths(widths: list[str], rest: list[str]) -> int:
     return 0
 
 
+def main_collect(sweep_dir: Path, base_width: int | None, use_wandb: str = "auto") -> int:
+    """Read the runs (or the folder's sweep.csv when it has no run folders), write sweep.csv, verdict.json,
+    transfer.png and drift.png next to it, print the verdict."""
+    if not sweep_dir.is_dir():
+        print(f"error: {sweep_dir} is not a folder of sweep runs", file=sys.stderr)
+        return 2
+    runs_dir = sweep_dir / "runs" if (sweep_dir / "runs").is_dir() else sweep_dir
+    rows = collect(runs_dir)
+    csv_path = sweep_dir / "sweep.csv"
+    if not rows and csv_path.exists():
+        rows = read_csv(csv_path)
+    elif rows:
+        write_csv(rows, csv_path)
+    if not rows:
+        print(f"error: no finished runs (config.json + a val_loss step line) under {runs_dir}", file=sys.stderr)
+        return 1
+    if base_width is None and (runs_dir / PLAN_FILE).exists():
+        base_width = json.loads((runs_dir / PLAN_FILE).read_text()).get("base_width")
+    result = transfer.verdicts(rows, base_width)
+    (sweep_dir / "verdict.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    figure = transfer.plot_curves(rows, result, sweep_dir / "transfer.png")
+    drift = transfer.plot_drift(result, sweep_dir / "drift.png")
+    text = transfer.report(result)
+    print(text)
+    print(f"csv: {csv_path}\nverdict: {sweep_dir / 'verdict.json'}\nfigures: {figure}, {drift}")
+    if use_wandb != "false":
+        transfer.log_to_wandb(sweep_dir, result, [figure, drift], required=use_wandb == "true")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -401,8 +432,7 @@ def main(argv=None) -> int:
             return 3
         if a.no_collect:
             return 0
-    from core import transfer  # the verdict (numpy; matplotlib inside its plots)
-    return transfer.main_collect(Path(a.sweep_dir), a.base_width, use_wandb=a.use_wandb if a.cmd == "collect" else "false")
+    return main_collect(Path(a.sweep_dir), a.base_width, use_wandb=a.use_wandb if a.cmd == "collect" else "false")
 
 
 if __name__ == "__main__":

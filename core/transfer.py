@@ -2,6 +2,8 @@
 
     python -m core.sweep collect docs/transfer          # reads docs/transfer/sweep.csv (or run folders)
 
+This module judges rows; core/sweep.py reads them from the runs and calls it (`main_collect`).
+
 For every parametrisation and swept LR (`muP/adam`, `SP/muon`, `mistake:no-readout-mult/adam`, ...):
 
 1. eta* per width and seed: the loss against x = log2(LR) near the best grid point, fitted by a quadratic
@@ -23,14 +25,12 @@ the grid's edge) is INCOMPLETE, unless what it has already fails.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from core import sweep
 from core.logger import log_summary_run
 
 DRIFT_TOL = 0.25          # |d log2(eta*) / d log2(width)|: a quarter of a grid step per doubling of width
@@ -253,7 +253,7 @@ def report(result: dict) -> str:
 
 def plot_curves(rows: list[dict], result: dict, path: Path) -> Path:
     """One panel per key: seed-mean loss vs LR, one curve per width (bars: min-max over seeds; star: eta*)."""
-    import matplotlib
+    import matplotlib  # here, not at the top: only the figures need it, and matplotlib is slow to import
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = list(result)
@@ -305,7 +305,7 @@ def plot_curves(rows: list[dict], result: dict, path: Path) -> Path:
 
 def plot_drift(result: dict, path: Path) -> Path:
     """log2 eta* (relative to the base width's) against width, one line per key, with the +-DRIFT_TOL band."""
-    import matplotlib
+    import matplotlib  # here, not at the top: only the figures need it, and matplotlib is slow to import
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     swepts = sorted({k.rsplit("/", 1)[1] for k in result})
@@ -344,38 +344,7 @@ def plot_drift(result: dict, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# `python -m core.sweep collect`
-
-
-def main_collect(sweep_dir: Path, base_width: int | None, use_wandb: str = "auto") -> int:
-    """Read the runs (or the folder's sweep.csv when it has no run folders), write sweep.csv, verdict.json,
-    transfer.png and drift.png next to it, print the verdict."""
-    import sys
-    if not sweep_dir.is_dir():
-        print(f"error: {sweep_dir} is not a folder of sweep runs", file=sys.stderr)
-        return 2
-    runs_dir = sweep_dir / "runs" if (sweep_dir / "runs").is_dir() else sweep_dir
-    rows = sweep.collect(runs_dir)
-    csv_path = sweep_dir / "sweep.csv"
-    if not rows and csv_path.exists():
-        rows = sweep.read_csv(csv_path)
-    elif rows:
-        sweep.write_csv(rows, csv_path)
-    if not rows:
-        print(f"error: no finished runs (config.json + a val_loss step line) under {runs_dir}", file=sys.stderr)
-        return 1
-    if base_width is None and (runs_dir / sweep.PLAN_FILE).exists():
-        base_width = json.loads((runs_dir / sweep.PLAN_FILE).read_text()).get("base_width")
-    result = verdicts(rows, base_width)
-    (sweep_dir / "verdict.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    figure = plot_curves(rows, result, sweep_dir / "transfer.png")
-    drift = plot_drift(result, sweep_dir / "drift.png")
-    text = report(result)
-    print(text)
-    print(f"csv: {csv_path}\nverdict: {sweep_dir / 'verdict.json'}\nfigures: {figure}, {drift}")
-    if use_wandb != "false":
-        log_to_wandb(sweep_dir, result, [figure, drift], required=use_wandb == "true")
-    return 0
+# W&B
 
 
 def log_to_wandb(sweep_dir: Path, result: dict, figures: list[Path], required: bool = False) -> None:
