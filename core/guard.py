@@ -49,6 +49,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from core.distributed import drop_grad_shards, sharded_grad_sq
+
 # Exit codes of train.py for the two ways a guard ends a run (0 done, 1 crash, 2 bad input: see train.py).
 EXIT_STOPPED = 3      # SIGTERM/SIGINT: checkpoint written, resumable with --resume auto
 EXIT_NONFINITE = 4    # a non-finite loss/gradient ended the run (--nan-policy)
@@ -218,7 +220,6 @@ class NonFiniteGuard:
         """
         if not self.distributed:
             return bad, None
-        from core.distributed import drop_grad_shards, sharded_grad_sq
         step, flags, loss = self._pending
         if want_grad_norm:
             sq = sharded_grad_sq(optimizers, self.device)
