@@ -61,35 +61,33 @@ def child_train(out_json: str, train_args: list[str]) -> int:
     import torch
     from torch._dynamo.utils import counters
 
-    import core.memory as memory
-    import core.trainer as trainer
     from core.config import parse_args
+    from core.distributed import setup_distributed, teardown
+    from core.trainer import Trainer
 
     captured: dict = {}
 
-    class RecordingPeaks(memory.PhasePeaks):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            captured["peaks"] = self
+    class CountingTrainer(Trainer):
+        """The trainer of train.py, reading the compile counters once the kernel warm-up is done."""
 
-    memory.PhasePeaks = RecordingPeaks
-    real_warmup = trainer._warmup_kernels
+        def _warm_up_kernels(self) -> None:
+            super()._warm_up_kernels()
+            captured["after_warmup"] = _dynamo_counts(counters)
 
-    def warmup_then_count(*a, **k):
-        out = real_warmup(*a, **k)
-        captured["after_warmup"] = _dynamo_counts(counters)
-        return out
-
-    trainer._warmup_kernels = warmup_then_count
     cfg = parse_args(train_args)
     t = time.perf_counter()
-    result = trainer.run(cfg)
+    info = setup_distributed(cfg.device)  # as core.trainer.run
+    try:
+        run = CountingTrainer(cfg, info)
+        result = run.train()
+    finally:
+        teardown(info)
     wall_s = time.perf_counter() - t
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "Time/step_avg_ms" in r]
     end_counts = _dynamo_counts(counters)
     before = captured.get("after_warmup", {"graphs": 0, "frames": 0})
-    peaks = captured["peaks"]
+    peaks = run.peaks
     out = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.device != "cpu" else "cpu",
         "config": {k: getattr(cfg, k) for k in ("width", "depth", "seq_len", "batch_tokens", "iterations", "fp8",
