@@ -110,13 +110,8 @@ def _slope(log_w: np.ndarray, x_star: np.ndarray) -> float:
     return float(np.polyfit(log_w, x_star, 1)[0])
 
 
-def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> dict:
-    """The verdict of one parametrisation x swept LR (rows of one key). See the module docstring."""
-    curves = _curves(rows)
-    widths = sorted(curves)
-    base = base_width if base_width in curves else widths[0]
-    rng = np.random.default_rng(seed)
-    per_seed = {w: {s: optimum(*curves[w][s]) for s in sorted(curves[w])} for w in widths}
+def _eta_star(per_seed: dict, widths: list[int], rng) -> tuple[dict, dict]:
+    """Per width: the seed-mean log2 eta* with its bootstrap interval, and the bootstrap means (for the drift)."""
     eta = {}
     boot_means = {}
     for w in widths:
@@ -133,6 +128,17 @@ def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> d
                   "seeds": int(xs_star.size), "edge": any(f["edge"] for f in per_seed[w].values())}
         for k in ("mean", "low", "high"):
             eta[w][k] = 2.0 ** eta[w][f"log2_{k}"]
+    return eta, boot_means
+
+
+def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> dict:
+    """The verdict of one parametrisation x swept LR (rows of one key). See the module docstring."""
+    curves = _curves(rows)
+    widths = sorted(curves)
+    base = base_width if base_width in curves else widths[0]
+    rng = np.random.default_rng(seed)
+    per_seed = {w: {s: optimum(*curves[w][s]) for s in sorted(curves[w])} for w in widths}
+    eta, boot_means = _eta_star(per_seed, widths, rng)
     usable = [w for w in widths if eta[w]["seeds"]]
     log_w = np.log2(np.array(usable, float))
     drift = {"slope": math.nan, "low": math.nan, "high": math.nan}
