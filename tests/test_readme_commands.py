@@ -81,10 +81,15 @@ README_COMMANDS: dict[str, list[str] | str] = {
          "--data embedded-bytes --mistakes no-readout-mult --use-wandb false --out-dir {tmp}/coord2"],
     "python train.py --mup --width 256 --base-width 64 --coord-check":
         [f"python train.py --mup --width 256 --base-width 64 --coord-check {SHORT} {LOGS}"],
-    # muP: width x LR sweep
-    'EXTRA_ARGS="--depth 4 --head-dim 16 --seq-len 256 --batch-tokens 256 --val-seq-len 256 --val-tokens 8192 '
-    '--val-every 0 --log-every 20" SWEEP_DIR=logs/sweep_cpu bash scripts/run_mup_width_group_scaling.sh 32 "64 128" '
-    '60 1337': "the same script as the sweep command above, at the same tiny size",
+    # muP: the transfer lab
+    "SWEEP_JOBS=2 bash scripts/transfer_lab.sh":
+        ['SWEEP_DIR={tmp}/lab WIDTHS="32 64" SEEDS=1 MISTAKE_SEEDS=1 STEPS=2 PARAMS=mup SWEPT=adam SWEEP_JOBS=2 '
+         "bash scripts/transfer_lab.sh",
+         "python -m core.sweep collect {tmp}/lab --use-wandb false"],
+    "python -m core.sweep collect docs/transfer": "the collect short form of the transfer lab above",
+    'SWEEP_JOBS=8 NPROC=1 SEEDS="1 2 3" MISTAKE_SEEDS="1 2" LR_MULTS="0.125 0.25 0.5 1 2 4 8" '
+    'PARAMS="mup sp mistake:no-readout-mult:adam mistake:muon-lr-over-m:muon" '
+    'bash scripts/run_mup_width_group_scaling.sh 256 "512 1024 2048" 1000': "needs 8 GPUs and FineWeb",
     # Distributed training
     "torchrun --standalone --nproc_per_node=8 train.py --mup --width 1024 --base-width 768":
         [f"torchrun --standalone --nproc_per_node=2 train.py {SHORT} {LOGS}"],  # the CPU defaults on 2 ranks
@@ -136,7 +141,7 @@ def _steps(out: str) -> list[dict]:
 
 
 SHORT_FORMS = sorted({cmd for v in README_COMMANDS.values() if isinstance(v, list) for cmd in v},
-                     key=lambda c: "core.sweep collect" in c)  # the collect runs after the sweep
+                     key=lambda c: "core.sweep collect" in c)  # the collect runs after the sweeps
 
 
 @pytest.mark.slow
