@@ -226,3 +226,16 @@ def test_logits_are_recorded_where_they_enter_the_soft_cap():
     row = rec.finish_step(0)
     assert row["CoordCheck/logits"] == pytest.approx(row["CoordCheck/readout"] / model.softcap_divisor, rel=1e-6)
     assert model.softcap_divisor == pytest.approx(7.5 * math.sqrt(64))  # SP: the width-dependent divisor
+
+
+def test_mup_mistakes_are_refused_without_mup_and_change_only_their_rule():
+    from core.config import ConfigError, validate
+    with pytest.raises(ConfigError, match="needs --mup"):
+        validate(train_cfg(mup_mistake="no-readout-mult"))
+    assert mup.output_multiplier(128, 32, True, "no-readout-mult") == 1.0
+    assert mup.output_multiplier(128, 32, True, "readout-mult-squared") == pytest.approx(1 / 16)
+    assert mup.output_multiplier(128, 32, True) == pytest.approx(1 / 4)
+    assert mup.mistake_lr_multiplier("hidden", 4.0, "muon-lr-over-m") == 0.25
+    assert mup.mistake_lr_multiplier("lm_head", 4.0, "muon-lr-over-m") == 1.0
+    assert mup.mistake_lr_multiplier("value_embed", 4.0, "embed-lr-over-m") == 0.25
+    assert mup.mistake_lr_multiplier("hidden", 4.0, None) == 1.0
