@@ -239,3 +239,10 @@ def test_mup_mistakes_are_refused_without_mup_and_change_only_their_rule():
     assert mup.mistake_lr_multiplier("lm_head", 4.0, "muon-lr-over-m") == 1.0
     assert mup.mistake_lr_multiplier("value_embed", 4.0, "embed-lr-over-m") == 0.25
     assert mup.mistake_lr_multiplier("hidden", 4.0, None) == 1.0
+
+
+def test_lr_mult_scales_every_lr_of_both_optimizers():
+    cfg1, cfg2 = train_cfg(width=32, depth=2), train_cfg(width=32, depth=2, lr_mult=2.0)
+    (a1, m1, _), (a2, m2, _) = (build_optimizer_pair(build_model(c, torch.device("cpu")), c) for c in (cfg1, cfg2))
+    for o1, o2 in ((a1, a2), (m1, m2)):
+        assert [g["initial_lr"] * 2 for g in o1.param_groups] == [g["initial_lr"] for g in o2.param_groups]
