@@ -160,9 +160,12 @@ def test_readme_commands_run(tmp_path):
             ok = (proc.returncode in (0, 1) and ("PASS" in out or "FAIL" in out)
                   and (out_dir / "coord_check.png").is_file())
         elif "core.sweep collect" in cmd:
-            ok = proc.returncode == 0 and "csv:" in out and any((tmp_path / "sweep").rglob("sweep.csv"))
+            sweep_dir = Path(cmd.split("collect ")[1].split()[0])
+            ok = proc.returncode == 0 and "csv:" in out and (sweep_dir / "sweep.csv").is_file()
         elif "group_scaling" in cmd:  # 2 parametrisations x 2 widths x 3 LRs, then the collect
             ok = proc.returncode == 0 and " 0 failed" in proc.stdout and "csv:" in proc.stdout
+        elif "transfer_lab.sh" in cmd:  # 7 LRs x 2 widths, no collect (the next short form collects)
+            ok = proc.returncode == 0 and "14 finished, 0 failed" in proc.stdout
         else:  # a training run: it must reach its last step
             steps = _steps(proc.stdout)
             ok = proc.returncode == 0 and bool(steps) and steps[-1]["step"] == steps[-1]["total"] == 2
