@@ -346,7 +346,7 @@ def check_widths(widths: list[str], rest: list[str]) -> int:
 
 def main_collect(sweep_dir: Path, base_width: int | None, use_wandb: str = "auto") -> int:
     """Read the runs (or the folder's sweep.csv when it has no run folders), write sweep.csv, verdict.json,
-    transfer.png and drift.png next to it, print the verdict."""
+    verdict.md (the table the README quotes), transfer.png and drift.png next to it, print the verdict."""
     if not sweep_dir.is_dir():
         print(f"error: {sweep_dir} is not a folder of sweep runs", file=sys.stderr)
         return 2
@@ -366,9 +366,11 @@ def main_collect(sweep_dir: Path, base_width: int | None, use_wandb: str = "auto
     (sweep_dir / "verdict.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     figure = transfer.plot_curves(rows, result, sweep_dir / "transfer.png")
     drift = transfer.plot_drift(result, sweep_dir / "drift.png")
+    (sweep_dir / "verdict.md").write_text(transfer.markdown(result))
     text = transfer.report(result)
     print(text)
-    print(f"csv: {csv_path}\nverdict: {sweep_dir / 'verdict.json'}\nfigures: {figure}, {drift}")
+    print(f"csv: {csv_path}\nverdict: {sweep_dir / 'verdict.json'}, {sweep_dir / 'verdict.md'}\n"
+          f"figures: {figure}, {drift}")
     if use_wandb != "false":
         transfer.log_to_wandb(sweep_dir, result, [figure, drift], required=use_wandb == "true")
     return 0

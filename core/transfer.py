@@ -257,6 +257,29 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict) -> str:
+    """The verdicts as one Markdown table (verdict.md, quoted by the README): a row per key, eta* per width
+    with its interval, the drift with its interval, and the worst regret against its limit."""
+    widths = sorted({w for v in result.values() for w in v["widths"]})
+    head = ["key", "verdict", "seeds", "drift [95%]"] + [f"eta* w{w} [95%]" for w in widths] \
+        + ["worst regret / limit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, v in result.items():
+        d = v["drift"]
+        cells = [f"`{key}`", f"**{v['verdict']}**", ", ".join(map(str, v["seeds"])),
+                 f"{d['slope']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"]
+        for w in widths:
+            e = v["eta_star"].get(str(w))
+            cells.append(f"{e['mean']:.4f} [{e['low']:.4f}, {e['high']:.4f}]" if e and e["seeds"] else "-")
+        worst = max(v["regret"].items(), key=lambda kv: kv[1]["regret"] - kv[1]["limit"], default=None)
+        cells.append(f"{worst[1]['regret']:.3f} / {worst[1]['limit']:.3f} (w{worst[0]})" if worst else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nPASS: drift interval within +-{DRIFT_TOL} and every width's regret <= {REGRET_FRACTION:.3g} "
+                 f"of its gain over the base width; {INTERVAL[1] - INTERVAL[0]:g}% bootstrap intervals over seeds; "
+                 f"INCOMPLETE: fewer than {MIN_SEEDS} seeds, too few LR points or an optimum on the grid's edge.")
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(rows: list[dict], result: dict, path: Path) -> Path:
     """One panel per key: seed-mean loss vs LR, one curve per width (bars: min-max over seeds; star: eta*)."""
     import matplotlib  # here, not at the top: only the figures need it, and matplotlib is slow to import

@@ -112,6 +112,11 @@ def test_collect_writes_csv_verdict_and_figures(tmp_path):
     assert verdict["muP/adam"]["verdict"] == "PASS" and verdict["SP/adam"]["verdict"] == "FAIL"
     assert verdict["SP/adam"]["drift"]["slope"] == pytest.approx(-1.0, abs=0.05)
     assert verdict["muP/adam"]["eta_star"]["64"]["mean"] == pytest.approx(0.016, rel=0.05)
+    table = (tmp_path / "verdict.md").read_text().splitlines()  # the README's table: one row per key
+    mup_row = next(line for line in table if line.startswith("| `muP/adam`"))
+    assert "**PASS**" in mup_row and "| 0.016" in mup_row  # eta* at x2 of the default 0.008, width 32 first
+    sp_row = next(line for line in table if line.startswith("| `SP/adam`"))
+    assert "**FAIL**" in sp_row and "| -1.00 [" in sp_row  # the drift column
     for png in ("transfer.png", "drift.png"):
         assert (tmp_path / png).stat().st_size > 10_000
 
