@@ -43,7 +43,8 @@ from core.mup import MUP_MISTAKES
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LR = {"adam": TrainConfig.adam_lr, "muon": TrainConfig.muon_lr, "lr": 1.0}
 SWEPT = tuple(DEFAULT_LR)
-FIELDS = ["parametrisation", "swept", "width", "lr", "lr_mult", "seed", "final_val_loss", "steps", "status", "run"]
+FIELDS = ["parametrisation", "swept", "width", "lr", "lr_mult", "seed", "final_val_loss", "steps", "status", "run",
+          "run_s"]  # run_s: the run's wall time (summary.json total_time_s), what the sweep cost
 PLAN_FILE = "plan.json"
 # train.py's exit 3 (SIGTERM/SIGINT: checkpointed), 128+N (a second signal: no checkpoint), -N (killed by N)
 STOPPED_CODES = {3, 130, 143, -2, -9, -15}
@@ -296,9 +297,12 @@ def collect(sweep_dir: Path) -> list[dict]:
         cfg = json.loads(cfg_path.read_text())
         param, swept, lr, mult = _describe(run_dir, cfg, plan.get(run_dir.name))
         loss, step = found
+        summary = run_dir / "summary.json"
+        run_s = json.loads(summary.read_text()).get("total_time_s", "") if summary.exists() else ""
         rows.append({"parametrisation": param, "swept": swept, "width": cfg["width"], "lr": lr, "lr_mult": mult,
                      "seed": cfg["seed"], "final_val_loss": loss if math.isfinite(loss) else float("nan"),
-                     "steps": step, "status": "done" if math.isfinite(loss) else "diverged", "run": run_dir.name})
+                     "steps": step, "status": "done" if math.isfinite(loss) else "diverged", "run": run_dir.name,
+                     "run_s": run_s})
     for name, planned in plan.items():
         if run_state(sweep_dir, name) == "failed":
             r = PlannedRun(**planned)
@@ -322,7 +326,8 @@ def read_csv(path: Path) -> list[dict]:
         for r in csv.DictReader(f):
             rows.append({**r, "width": int(r["width"]), "lr": float(r["lr"]), "lr_mult": float(r["lr_mult"]),
                          "seed": int(r["seed"]), "final_val_loss": float(r["final_val_loss"] or "nan"),
-                         "steps": int(r["steps"] or 0), "status": r.get("status") or "done"})
+                         "steps": int(r["steps"] or 0), "status": r.get("status") or "done",
+                         "run_s": float(r["run_s"]) if r.get("run_s") else ""})
     return rows
 
 
@@ -369,6 +374,10 @@ def main_collect(sweep_dir: Path, base_width: int | None, use_wandb: str = "auto
     (sweep_dir / "verdict.md").write_text(transfer.markdown(result))
     text = transfer.report(result)
     print(text)
+    timed = [r["run_s"] for r in rows if r.get("run_s") != ""]
+    if timed:
+        print(f"compute: {len(rows)} runs; {len(timed)} timed, {sum(timed) / 3600:.2f} h summed over their wall times "
+              f"(runs in parallel overlap: divide by SWEEP_JOBS for the elapsed time)")
     print(f"csv: {csv_path}\nverdict: {sweep_dir / 'verdict.json'}, {sweep_dir / 'verdict.md'}\n"
           f"figures: {figure}, {drift}")
     if use_wandb != "false":

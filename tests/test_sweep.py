@@ -89,9 +89,10 @@ def fake_run(root: Path, name: str, *, width: int, mup: bool, adam_lr: float, lo
     lines = [format_step_line(0, 10, val_loss=11.0, train_time_ms=0, step_avg_ms=0),
              format_step_line(10, 10, val_loss=loss, train_time_ms=100, step_avg_ms=10)]
     (run / "console.log").write_text("\n".join(lines) + "\n")
+    (run / "summary.json").write_text(json.dumps({"total_steps": 10, "total_time_s": 36.0}))
 
 
-def test_collect_writes_csv_verdict_and_figures(tmp_path):
+def test_collect_writes_csv_verdict_and_figures(tmp_path, capsys):
     # muP: optimum at x2 at every width; SP: the optimum falls by a factor 2 per doubling of width
     mults = [0.125, 0.25, 0.5, 1, 2, 4, 8]
     for seed in (1, 2):
@@ -108,6 +109,8 @@ def test_collect_writes_csv_verdict_and_figures(tmp_path):
     (tmp_path / "unfinished" / "config.json").write_text(json.dumps({"width": 64, "mup": True}))
     assert sweep.main(["collect", str(tmp_path), "--base-width", "32", "--use-wandb", "false"]) == 0
     assert (tmp_path / "sweep.csv").read_text().count("\n") == 1 + 2 * 7 * 3 * 2
+    assert "84 timed, 0.84 h summed" in capsys.readouterr().out  # 84 runs x 36 s: what the sweep cost
+    assert sweep.read_csv(tmp_path / "sweep.csv")[0]["run_s"] == 36.0
     verdict = json.loads((tmp_path / "verdict.json").read_text())
     assert verdict["muP/adam"]["verdict"] == "PASS" and verdict["SP/adam"]["verdict"] == "FAIL"
     assert verdict["SP/adam"]["drift"]["slope"] == pytest.approx(-1.0, abs=0.05)
