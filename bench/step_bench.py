@@ -101,7 +101,20 @@ def ns5_flops(muon) -> float:
     return total
 
 
-def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int, validation: bool) -> dict:
+def profile_step(run_one_step, top: int) -> list[tuple[float, str]]:
+    """(share of the step's self CPU time, op or kernel name) of the `top` costliest entries of one profiled step.
+    Compiled CPU kernels show up by name because main() turns on inductor's kernel profiling first. On CUDA this
+    is host time only (kernels run asynchronously): use a GPU profiler there."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_one_step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [(e.self_cpu_time_total / total, e.key) for e in events[:top]]
+
+
+def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int, validation: bool,
+          profile_top: int = 0) -> dict:
     data = resolve_data(cfg.data_dir, data=cfg.data)
     resolve_vocab(cfg, data.vocab)
     model = build_model(cfg, device)
@@ -113,7 +126,8 @@ def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int, val
     phases = {"data": [], "fwd_bwd": [], "adam": [], "muon": []}
     t_start = time.perf_counter()
     warmup_s = 0.0
-    for step in range(warmup + steps):
+
+    def one_step(step: int) -> tuple[float, float, float, float]:
         sync(device)
         t0 = time.perf_counter()
         batches = loader.next_step()
@@ -129,11 +143,14 @@ def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int, val
         muon.step()
         model.zero_grad(set_to_none=True)
         sync(device)
-        t4 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3
+
+    for step in range(warmup + steps):
+        times = one_step(step)
         if step == warmup - 1:
-            warmup_s = t4 - t_start
+            warmup_s = time.perf_counter() - t_start
         if step >= warmup:
-            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            for k, dt in zip(phases, times):
                 phases[k].append(dt)
     step_t = [sum(x) for x in zip(*phases.values())]
     med = statistics.median(step_t)
@@ -142,6 +159,8 @@ def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int, val
            "gflops": flops / med / 1e9, "step_gflop": flops / 1e9, "warmup_s": warmup_s,
            "ns5_gflop": ns5_flops(muon) / 1e9,
            **{f"{k}_pct": 100 * statistics.median(v) / med for k, v in phases.items()}}
+    if profile_top:
+        row["profile"] = profile_step(lambda: one_step(warmup + steps), profile_top)
     if validation:  # one validation pass of the run's fixed set: first call (compiles), then timed
         val_tokens = cfg.val_tokens or data.val_tokens
         val_set = val_batches(data.val_files, cfg.val_seq_len, val_tokens, device=device, vocab=data.vocab)
@@ -166,7 +185,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. the cores)")
     p.add_argument("--validation", action="store_true", help="also time one validation pass per row")
     p.add_argument("--device", default="auto")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after each row, profile one more step and print its N costliest ops/kernels (self CPU time)")
     a = p.parse_args(argv)
+    if a.profile:  # name the compiled C++ kernels in the profile (a record per kernel call: only when profiling)
+        import torch._inductor.config as inductor_config
+        inductor_config.cpp.enable_kernel_profile = True
     if a.threads:
         torch.set_num_threads(a.threads)
     device = pick_device(a.device)
@@ -183,7 +207,7 @@ def main(argv=None) -> int:
     for w in widths:
         for mode in a.modes:
             cfg = make_config(a.config, w, device)
-            r = bench(cfg, device, mode == "compiled", a.steps, a.warmup, a.validation)
+            r = bench(cfg, device, mode == "compiled", a.steps, a.warmup, a.validation, a.profile)
             if first:  # rows are printed as they finish, so a long table that is cut short keeps its rows
                 print(f"config {a.config}: depth {cfg.depth} head_dim {cfg.head_dim} seq_len {cfg.seq_len} batch "
                       f"{cfg.batch_tokens} tokens vocab {cfg.vocab_size} | median of {a.steps} steps after "
@@ -198,6 +222,8 @@ def main(argv=None) -> int:
             if a.validation:
                 line += f" {r['val_pass_s']:.1f} | {r['val_first_s']:.1f} |"
             print(line, flush=True)
+            for share, name in r.get("profile", []):
+                print(f"    {100 * share:5.1f}%  {name[:110]}")
     peak_end = sgemm_peak(device)
     load_end = os.getloadavg()
     print(f"sgemm peak again after the rows: {peak_end / 1e9:.0f} GFLOP/s | load average (1 min) at the end: "

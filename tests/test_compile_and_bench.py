@@ -50,8 +50,10 @@ def test_auto_on_cpu_without_a_cxx_compiler_stays_eager_and_says_why(monkeypatch
 @pytest.mark.slow
 def test_step_bench_smoke():
     out = subprocess.run([sys.executable, "bench/step_bench.py", "--config", "bytes", "--widths", "32", "--modes",
-                          "eager", "--steps", "1", "--warmup", "1", "--threads", "1"],
+                          "eager", "--steps", "1", "--warmup", "1", "--threads", "1", "--profile", "3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    for needle in ("sgemm peak", "load average", "% of sgemm peak", "| 32 | eager |"):
+    for needle in ("sgemm peak", "load average", "% of sgemm peak", "| 32 | eager |", "aten::mm"):
         assert needle in out.stdout, out.stdout
+    shares = [float(line.split("%")[0]) for line in out.stdout.splitlines() if line.startswith("    ") and "%  " in line]
+    assert len(shares) == 3 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.0
