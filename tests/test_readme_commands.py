@@ -79,6 +79,10 @@ README_COMMANDS: dict[str, list[str] | str] = {
     "--data embedded-bytes --mistakes no-readout-mult readout-mult-squared muon-lr-over-m embed-lr-over-m":
         ["python -m core.coord_check --widths 32 64 --steps 2 --seeds 1 --seq-len 128 --depth 2 --head-dim 16 "
          "--data embedded-bytes --mistakes no-readout-mult --use-wandb false --out-dir {tmp}/coord2"],
+    "python -m core.coord_check --widths 64 128 256 512 1024 --steps 10 --seeds 5 --seq-len 512 --depth 4 "
+    "--head-dim 32 --data embedded-bytes --out-dir docs/coord_check/bytes_wide":
+        ["python -m core.coord_check --widths 32 64 --steps 2 --seeds 2 --seq-len 128 --depth 4 --head-dim 32 "
+         "--data embedded-bytes --use-wandb false --out-dir {tmp}/coord_wide"],
     "python train.py --mup --width 256 --base-width 64 --coord-check":
         [f"python train.py --mup --width 256 --base-width 64 --coord-check {SHORT} {LOGS}"],
     # muP: the transfer lab
