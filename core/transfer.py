@@ -223,7 +223,10 @@ def verdicts(rows: list[dict], base_width: int | None = None) -> dict:
     for r in rows:
         if r.get("status", "done") != "failed":
             groups[f"{r['parametrisation']}/{r['swept']}"].append(r)
-    return {key: analyse(group, base_width) for key, group in sorted(groups.items())}
+    # muP first, then SP, then the mistakes; Adam before Muon (the figure's rows and the tables read in this order)
+    order = {"muP": 0, "SP": 1}
+    ranked = sorted(groups.items(), key=lambda kv: (order.get(kv[0].rsplit("/", 1)[0], 2), kv[0].rsplit("/", 1)[1], kv[0]))
+    return {key: analyse(group, base_width) for key, group in ranked}
 
 
 # ---------------------------------------------------------------------------------------------
