@@ -21,7 +21,8 @@ For every parametrisation and swept LR (`muP/adam`, `SP/muon`, `mistake:no-reado
 PASS when the drift interval lies within +-DRIFT_TOL and at no width the regret exceeds REGRET_FRACTION of
 the gain. Both thresholds are printed with the numbers and written to verdict.json. A sweep that cannot
 certify a PASS yet (fewer than MIN_SEEDS seeds at a width, fewer than 3 finite LR points, or a best LR on
-the grid's edge) is INCOMPLETE, unless what it has already fails.
+the grid's edge) is INCOMPLETE, unless what it has already fails. A seed that has not run the key's whole
+width x LR grid yet (a sweep in progress) is left out of the verdict and reported as in progress.
 """
 from __future__ import annotations
 
@@ -131,8 +132,21 @@ def _eta_star(per_seed: dict, widths: list[int], rng) -> tuple[dict, dict]:
     return eta, boot_means
 
 
+def split_partial_seeds(rows: list[dict]) -> tuple[list[dict], dict]:
+    """(rows of the seeds that ran this key's whole width x LR grid, {seed: (runs, grid size)} of the others).
+    A seed still in progress (or missing a failed run) would be fitted on part of its curves: it is left out."""
+    grid = {(r["width"], r["lr"]) for r in rows}
+    have = defaultdict(set)
+    for r in rows:
+        have[r["seed"]].add((r["width"], r["lr"]))
+    partial = {s: (len(cells), len(grid)) for s, cells in sorted(have.items()) if cells != grid}
+    return [r for r in rows if r["seed"] not in partial], partial
+
+
 def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> dict:
     """The verdict of one parametrisation x swept LR (rows of one key). See the module docstring."""
+    complete, partial = split_partial_seeds(rows)
+    rows = complete or rows  # no seed complete yet: judge what there is, but never PASS or FAIL on it
     curves = _curves(rows)
     widths = sorted(curves)
     base = base_width if base_width in curves else widths[0]
@@ -186,13 +200,17 @@ def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> d
     # A FAIL backed by intervals stands on an unbracketed optimum (the grid's edge only hides a larger drift
     # in its direction); a PASS needs intervals (>= MIN_SEEDS seeds), >= 3 points per curve, bracketed optima.
     enough_seeds = len(usable) >= 2 and all(len(curves[w]) >= MIN_SEEDS for w in widths)
+    if not complete:
+        missing.append("no seed has run the whole width x LR grid yet")
+        enough_seeds = False
     verdict = "FAIL" if reasons and enough_seeds else ("INCOMPLETE" if missing or reasons else "PASS")
     if not reasons and missing:
         reasons = missing
     elif verdict == "FAIL":
         reasons += [f"(also: {m})" for m in missing]
     return {"verdict": verdict, "reasons": reasons, "widths": widths,
-            "seeds": sorted({s for w in widths for s in curves[w]}), "base_width": base,
+            "seeds": sorted({s for w in widths for s in curves[w]}) if complete else [], "base_width": base,
+            "in_progress": {str(s): {"runs": n, "grid": m} for s, (n, m) in partial.items()},
             "eta_star": {str(w): eta[w] for w in widths}, "drift": drift,
             "regret": {str(w): r for w, r in regret.items()}, "wider_is_better": wider,
             "best_loss": {str(w): fits[w]["loss_star"] for w in widths},
@@ -257,6 +275,8 @@ def report(result: dict) -> str:
                      + ("yes" if not worse else f"no (not at LR {', '.join(worse)})"))
         for reason in v["reasons"]:
             lines.append(f"  {'FAIL' if v['verdict'] == 'FAIL' else 'not yet'}: {reason}")
+        for s, p in v.get("in_progress", {}).items():
+            lines.append(f"  in progress: seed {s} has {p['runs']} of {p['grid']} runs, left out until complete")
     return "\n".join(lines)
 
 
@@ -269,7 +289,8 @@ def markdown(result: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, v in result.items():
         d = v["drift"]
-        cells = [f"`{key}`", f"**{v['verdict']}**", ", ".join(map(str, v["seeds"])),
+        running = "".join(f" (+{s}: {p['runs']}/{p['grid']} runs)" for s, p in v.get("in_progress", {}).items())
+        cells = [f"`{key}`", f"**{v['verdict']}**", ", ".join(map(str, v["seeds"])) + running,
                  f"{d['slope']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"]
         for w in widths:
             e = v["eta_star"].get(str(w))

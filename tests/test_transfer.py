@@ -99,3 +99,20 @@ def test_too_little_data_is_incomplete_never_pass():
     assert edge["verdict"] == "INCOMPLETE" and any("edge" in r for r in edge["reasons"])
     leaving = transfer.analyse(synthetic_rows(drift=1.0, x0=0.0), base_width=32)  # drifts off the grid: still FAIL
     assert leaving["verdict"] == "FAIL"
+
+
+def test_a_seed_still_in_progress_is_left_out_not_judged():
+    done = synthetic_rows(drift=0.0, seeds=(1, 2))
+    # seed 3 has run 3 LRs at two widths, with losses that would drag the optimum far off and fail the sweep
+    running = [dict(r, seed=3, final_val_loss=r["final_val_loss"] + (0.5 if r["lr"] < 1 else 0.0))
+               for r in synthetic_rows(drift=0.0, seeds=(1,)) if r["width"] in (32, 64) and r["lr"] in (0.5, 1.0, 2.0)]
+    alone = transfer.analyse(done, base_width=32)
+    mixed = transfer.analyse(done + running, base_width=32)
+    assert alone["verdict"] == mixed["verdict"] == "PASS" and mixed["seeds"] == [1, 2]
+    assert mixed["drift"] == alone["drift"] and mixed["in_progress"] == {"3": {"runs": 6, "grid": 28}}
+    assert "in progress: seed 3 has 6 of 28 runs" in transfer.report({"muP/adam": mixed})
+    # seed 2 stopped inside its widest curve: left out, and one seed cannot certify anything
+    one_left = transfer.analyse([r for r in done if not (r["seed"] == 2 and r["width"] == 256 and r["lr"] != 1.0)],
+                                base_width=32)
+    assert one_left["verdict"] == "INCOMPLETE" and one_left["seeds"] == [1]
+    assert one_left["in_progress"] == {"2": {"runs": 22, "grid": 28}}
