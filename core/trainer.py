@@ -60,10 +60,13 @@ class RunResult:
 def run(cfg: TrainConfig) -> RunResult:
     """Train as `train.py` does: set up, run the loop, and leave the process group (also on an error)."""
     info = setup_distributed(cfg.device)
+    finished = False
     try:
-        return Trainer(cfg, info).train()
+        result = Trainer(cfg, info).train()
+        finished = True
+        return result
     finally:
-        teardown(info)
+        teardown(info, finished)
 
 
 class StepOutput(NamedTuple):
