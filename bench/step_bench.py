@@ -11,8 +11,8 @@ Configurations: `default` is `train.py`'s CPU (or CUDA) default; `bytes` is the 
 (vocabulary 257, depth 4, head_dim 32, 4096 tokens/step in 512-token sequences) at each `--widths`.
 The sgemm peak is measured in the same process, at the same thread count, just before the table
 (best of several 2048^3 fp32 matmuls on a CPU, bf16 on CUDA). FLOPs are `core/mfu.py`'s analytic count
-at the mid-run attention window
-(training only: Muon's Newton-Schulz is shown apart, as "NS5 GFLOP/step", and not counted in GFLOP/s). Each phase is timed with a device synchronisation around it (honest on
+at the mid-run attention window (training only: Muon's Newton-Schulz is shown apart, as "NS5 GFLOP/step",
+and not counted in GFLOP/s). Each phase is timed with a device synchronisation around it (honest on
 CUDA too). The load average is printed at the start and the end: on a shared machine, compare rows of
 one table, and repeat a table whose load was high. README and METRICS_ANALYSIS quote this table.
 """

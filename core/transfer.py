@@ -241,10 +241,13 @@ def verdicts(rows: list[dict], base_width: int | None = None) -> dict:
     for r in rows:
         if r.get("status", "done") != "failed":
             groups[f"{r['parametrisation']}/{r['swept']}"].append(r)
-    # muP first, then SP, then the mistakes; Adam before Muon (the figure's rows and the tables read in this order)
-    order = {"muP": 0, "SP": 1}
-    ranked = sorted(groups.items(), key=lambda kv: (order.get(kv[0].rsplit("/", 1)[0], 2), kv[0].rsplit("/", 1)[1], kv[0]))
-    return {key: analyse(group, base_width) for key, group in ranked}
+    return {key: analyse(groups[key], base_width) for key in sorted(groups, key=_reading_order)}
+
+
+def _reading_order(key: str) -> tuple:
+    """muP first, then SP, then the mistakes; Adam before Muon: the order of the figure's panels and the tables."""
+    param, swept = key.rsplit("/", 1)
+    return {"muP": 0, "SP": 1}.get(param, 2), swept, param
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +303,8 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\nPASS: drift interval within +-{DRIFT_TOL} and every width's regret <= {REGRET_FRACTION:.3g} "
                  f"of its gain over the base width; {INTERVAL[1] - INTERVAL[0]:g}% bootstrap intervals over seeds; "
-                 f"INCOMPLETE: fewer than {MIN_SEEDS} seeds, too few LR points or an optimum on the grid's edge.")
+                 f"INCOMPLETE: fewer than {MIN_SEEDS} seeds, too few LR points or an optimum on the grid's edge; "
+                 f"(+S: n/m runs): seed S is still running its grid and is left out until complete.")
     return "\n".join(lines) + "\n"
 
 
