@@ -44,7 +44,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LR = {"adam": TrainConfig.adam_lr, "muon": TrainConfig.muon_lr, "lr": 1.0}
 SWEPT = tuple(DEFAULT_LR)
 FIELDS = ["parametrisation", "swept", "width", "lr", "lr_mult", "seed", "final_val_loss", "steps", "status", "run",
-          "run_s"]  # run_s: the run's wall time (summary.json total_time_s), what the sweep cost
+          "run_s", "unigram_entropy"]  # run_s: the run's wall time (summary.json total_time_s), what the sweep cost;
+# unigram_entropy: the validation tokens' (summary.json), the "learned beyond token frequencies" line of the verdict
 PLAN_FILE = "plan.json"
 # train.py's exit 3 (SIGTERM/SIGINT: checkpointed), 128+N (a second signal: no checkpoint), -N (killed by N)
 STOPPED_CODES = {3, 130, 143, -2, -9, -15}
@@ -298,11 +299,11 @@ def collect(sweep_dir: Path) -> list[dict]:
         param, swept, lr, mult = _describe(run_dir, cfg, plan.get(run_dir.name))
         loss, step = found
         summary = run_dir / "summary.json"
-        run_s = json.loads(summary.read_text()).get("total_time_s", "") if summary.exists() else ""
+        info = json.loads(summary.read_text()) if summary.exists() else {}
         rows.append({"parametrisation": param, "swept": swept, "width": cfg["width"], "lr": lr, "lr_mult": mult,
                      "seed": cfg["seed"], "final_val_loss": loss if math.isfinite(loss) else float("nan"),
                      "steps": step, "status": "done" if math.isfinite(loss) else "diverged", "run": run_dir.name,
-                     "run_s": run_s})
+                     "run_s": info.get("total_time_s", ""), "unigram_entropy": info.get("unigram_entropy", "")})
     for name, planned in plan.items():
         if run_state(sweep_dir, name) == "failed":
             r = PlannedRun(**planned)
@@ -327,7 +328,8 @@ def read_csv(path: Path) -> list[dict]:
             rows.append({**r, "width": int(r["width"]), "lr": float(r["lr"]), "lr_mult": float(r["lr_mult"]),
                          "seed": int(r["seed"]), "final_val_loss": float(r["final_val_loss"] or "nan"),
                          "steps": int(r["steps"] or 0), "status": r.get("status") or "done",
-                         "run_s": float(r["run_s"]) if r.get("run_s") else ""})
+                         "run_s": float(r["run_s"]) if r.get("run_s") else "",
+                         "unigram_entropy": float(r["unigram_entropy"]) if r.get("unigram_entropy") else ""})
     return rows
 
 

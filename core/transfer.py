@@ -18,6 +18,10 @@ For every parametrisation and swept LR (`muP/adam`, `SP/muon`, `mistake:no-reado
    wider model's optimum.
 5. Wider is better: at every grid LR within 2x of the base optimum, the seed-mean loss falls with width.
 
+6. Learned: at every width the best loss lies below LEARNED_FRACTION x the unigram entropy of the validation
+   tokens (when the runs report it). Models that only learned token frequencies say nothing about transfer
+   (Tensor Programs V, sec. 6.1: transfer needs a minimum scale), so such a sweep is INCOMPLETE, PASS or FAIL.
+
 PASS when the drift interval lies within +-DRIFT_TOL and at no width the regret exceeds REGRET_FRACTION of
 the gain. Both thresholds are printed with the numbers and written to verdict.json. A sweep that cannot
 certify a PASS yet (fewer than MIN_SEEDS seeds at a width, fewer than 3 finite LR points, or a best LR on
@@ -40,6 +44,7 @@ FIT_POINTS = 5            # grid points in the quadratic fit around the best one
 BOOTSTRAP = 2000          # resamples for the intervals (a fixed RNG seed: the verdict is reproducible)
 MIN_SEEDS = 2             # an interval over seeds needs at least two; fewer: INCOMPLETE, never PASS
 INTERVAL = (2.5, 97.5)    # percentiles: a 95% bootstrap interval
+LEARNED_FRACTION = 0.75   # every width's best loss below this fraction of the unigram entropy, or INCOMPLETE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +202,12 @@ def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> d
         if not r["ok"]:
             reasons.append(f"width {w}: regret {r['regret']:.4f} > {REGRET_FRACTION:.3g} x gain {r['gain']:.4f}")
     missing = _incomplete(curves, per_seed)
+    learned = _learned(rows, {w: fits[w]["loss_star"] for w in widths})
+    if learned and not learned["ok"]:
+        missing.insert(0, "the models have not learned beyond token frequencies: best loss "
+                       + ", ".join(f"{l:.3f} (w{w})" for w, l in learned["not_below"].items())
+                       + f" not below {LEARNED_FRACTION:g} x unigram entropy {learned['unigram_entropy']:.3f}"
+                       f" = {learned['limit']:.3f}; train longer")
     # A FAIL backed by intervals stands on an unbracketed optimum (the grid's edge only hides a larger drift
     # in its direction); a PASS needs intervals (>= MIN_SEEDS seeds), >= 3 points per curve, bracketed optima.
     enough_seeds = len(usable) >= 2 and all(len(curves[w]) >= MIN_SEEDS for w in widths)
@@ -204,7 +215,9 @@ def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> d
         missing.append("no seed has run the whole width x LR grid yet")
         enough_seeds = False
     verdict = "FAIL" if reasons and enough_seeds else ("INCOMPLETE" if missing or reasons else "PASS")
-    if not reasons and missing:
+    if learned and not learned["ok"]:  # neither a PASS nor a FAIL on models that did not learn
+        verdict, reasons = "INCOMPLETE", []
+    if verdict == "INCOMPLETE" and not reasons and missing:
         reasons = missing
     elif verdict == "FAIL":
         reasons += [f"(also: {m})" for m in missing]
@@ -213,9 +226,22 @@ def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> d
             "in_progress": {str(s): {"runs": n, "grid": m} for s, (n, m) in partial.items()},
             "eta_star": {str(w): eta[w] for w in widths}, "drift": drift,
             "regret": {str(w): r for w, r in regret.items()}, "wider_is_better": wider,
-            "best_loss": {str(w): fits[w]["loss_star"] for w in widths},
+            "best_loss": {str(w): fits[w]["loss_star"] for w in widths}, "learned": learned,
             "thresholds": {"drift_tol": DRIFT_TOL, "regret_fraction": REGRET_FRACTION, "fit_points": FIT_POINTS,
-                           "bootstrap": BOOTSTRAP, "interval_percentiles": list(INTERVAL)}}
+                           "bootstrap": BOOTSTRAP, "interval_percentiles": list(INTERVAL),
+                           "learned_fraction": LEARNED_FRACTION}}
+
+
+def _learned(rows: list[dict], best_loss: dict) -> dict | None:
+    """Did every width learn more than token frequencies? None when the runs do not report a unigram entropy."""
+    entropies = [r["unigram_entropy"] for r in rows if isinstance(r.get("unigram_entropy"), float)]
+    if not entropies:
+        return None
+    entropy = float(np.mean(entropies))  # one validation set: the same number in every run
+    limit = LEARNED_FRACTION * entropy
+    not_below = {str(w): loss for w, loss in best_loss.items() if not loss < limit}
+    return {"unigram_entropy": entropy, "fraction": LEARNED_FRACTION, "limit": limit,
+            "ok": not not_below, "not_below": not_below}
 
 
 def _incomplete(curves: dict, per_seed: dict) -> list[str]:
@@ -273,6 +299,9 @@ def report(result: dict) -> str:
             lines.append(f"  width {w:>5}: eta* {e['mean']:.4g} [{e['low']:.4g}, {e['high']:.4g}]"
                          f"{' (at the grid edge)' if e.get('edge') else ''}  best loss {v['best_loss'][str(w)]:.4f}"
                          + extra)
+        if v.get("learned"):
+            lines.append(f"  learned: best loss below {LEARNED_FRACTION:g} x unigram entropy "
+                         f"({v['learned']['limit']:.3f}) at every width: {'yes' if v['learned']['ok'] else 'NO'}")
         worse = [f"{p['lr']:.3g}" for p in v["wider_is_better"] if not p["ok"]]
         lines.append(f"  wider is better at every LR within 2x of the base optimum: "
                      + ("yes" if not worse else f"no (not at LR {', '.join(worse)})"))
@@ -303,7 +332,8 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\nPASS: drift interval within +-{DRIFT_TOL} and every width's regret <= {REGRET_FRACTION:.3g} "
                  f"of its gain over the base width; {INTERVAL[1] - INTERVAL[0]:g}% bootstrap intervals over seeds; "
-                 f"INCOMPLETE: fewer than {MIN_SEEDS} seeds, too few LR points or an optimum on the grid's edge; "
+                 f"INCOMPLETE: fewer than {MIN_SEEDS} seeds, too few LR points, an optimum on the grid's edge, or a "
+                 f"width whose best loss is not below {LEARNED_FRACTION:g} x the unigram entropy; "
                  f"(+S: n/m runs): seed S is still running its grid and is left out until complete.")
     return "\n".join(lines) + "\n"
 

@@ -116,3 +116,18 @@ def test_a_seed_still_in_progress_is_left_out_not_judged():
                                 base_width=32)
     assert one_left["verdict"] == "INCOMPLETE" and one_left["seeds"] == [1]
     assert one_left["in_progress"] == {"2": {"runs": 22, "grid": 28}}
+
+
+def test_models_that_did_not_learn_are_incomplete_whatever_their_drift():
+    # the old README sweep: every loss above the unigram entropy; no verdict, PASS or FAIL, stands on it
+    def with_entropy(rows, entropy):
+        return [dict(r, unigram_entropy=entropy) for r in rows]
+    learned = transfer.analyse(with_entropy(synthetic_rows(drift=0.0), 4.0), base_width=32)  # best ~2.35 < 3.0
+    assert learned["verdict"] == "PASS" and learned["learned"]["ok"]
+    assert learned["learned"]["limit"] == pytest.approx(0.75 * 4.0)
+    for drift in (0.0, -1.0):  # limit 2.44: widths 32 and 64 (best ~2.50, ~2.45) have not learned enough
+        flat = transfer.analyse(with_entropy(synthetic_rows(drift=drift), 3.25), base_width=32)
+        assert flat["verdict"] == "INCOMPLETE", drift
+        assert "not learned beyond token frequencies" in flat["reasons"][0]
+        assert set(flat["learned"]["not_below"]) == {"32", "64"}
+    assert transfer.analyse(synthetic_rows(drift=0.0), base_width=32)["learned"] is None  # no entropy: no check
