@@ -351,9 +351,12 @@ def check_widths(widths: list[str], rest: list[str]) -> int:
     return 0
 
 
-def main_collect(sweep_dir: Path, base_width: int | None, use_wandb: str = "auto") -> int:
+def main_collect(sweep_dir: Path, base_width: int | None, use_wandb: str = "auto",
+                 widths: list[int] | None = None) -> int:
     """Read the runs (or the folder's sweep.csv when it has no run folders), write sweep.csv, verdict.json,
-    verdict.md (the table the README quotes), transfer.png and drift.png next to it, print the verdict."""
+    verdict.md (the table the README quotes), transfer.png and drift.png next to it, print the verdict.
+    With `widths`, judge those widths only (base: the smallest) and print the verdict without writing a file:
+    a second look at a sweep, e.g. without its narrowest width, that leaves the sweep's own verdict as it is."""
     if not sweep_dir.is_dir():
         print(f"error: {sweep_dir} is not a folder of sweep runs", file=sys.stderr)
         return 2
@@ -367,6 +370,14 @@ def main_collect(sweep_dir: Path, base_width: int | None, use_wandb: str = "auto
     if not rows:
         print(f"error: no finished runs (config.json + a val_loss step line) under {runs_dir}", file=sys.stderr)
         return 1
+    if widths:
+        rows = [r for r in rows if r["width"] in widths]
+        if not rows:
+            print(f"error: no finished runs at widths {widths} under {runs_dir}", file=sys.stderr)
+            return 1
+        result = transfer.verdicts(rows, base_width or min(widths))
+        print(f"widths {sorted(widths)} only (nothing written):\n{transfer.report(result)}")
+        return 0
     if base_width is None and (runs_dir / PLAN_FILE).exists():
         base_width = json.loads((runs_dir / PLAN_FILE).read_text()).get("base_width")
     result = transfer.verdicts(rows, base_width)
@@ -412,6 +423,8 @@ def main(argv=None) -> int:
     c.add_argument("--base-width", type=int, default=None)
     c.add_argument("--use-wandb", default="auto", choices=["auto", "true", "false"],
                    help="log the figure, eta* table and verdict to a W&B summary run of the sweep's group")
+    c.add_argument("--widths", type=int, nargs="+", default=None,
+                   help="judge these widths only and print the verdict, writing nothing (e.g. leave out the base)")
     l = sub.add_parser("lr")
     l.add_argument("which", choices=sorted(DEFAULT_LR))
     l.add_argument("mult", type=float)
@@ -445,7 +458,9 @@ def main(argv=None) -> int:
             return 3
         if a.no_collect:
             return 0
-    return main_collect(Path(a.sweep_dir), a.base_width, use_wandb=a.use_wandb if a.cmd == "collect" else "false")
+    if a.cmd == "collect":
+        return main_collect(Path(a.sweep_dir), a.base_width, use_wandb=a.use_wandb, widths=a.widths)
+    return main_collect(Path(a.sweep_dir), a.base_width, use_wandb="false")
 
 
 if __name__ == "__main__":

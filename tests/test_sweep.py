@@ -89,7 +89,8 @@ def fake_run(root: Path, name: str, *, width: int, mup: bool, adam_lr: float, lo
     lines = [format_step_line(0, 10, val_loss=11.0, train_time_ms=0, step_avg_ms=0),
              format_step_line(10, 10, val_loss=loss, train_time_ms=100, step_avg_ms=10)]
     (run / "console.log").write_text("\n".join(lines) + "\n")
-    (run / "summary.json").write_text(json.dumps({"total_steps": 10, "total_time_s": 36.0}))
+    (run / "summary.json").write_text(json.dumps({"total_steps": 10, "total_time_s": 36.0,
+                                                       "unigram_entropy": 5.0}))
 
 
 def test_collect_writes_csv_verdict_and_figures(tmp_path, capsys):
@@ -122,6 +123,13 @@ def test_collect_writes_csv_verdict_and_figures(tmp_path, capsys):
     assert "**FAIL**" in sp_row and "| -1.00 [" in sp_row  # the drift column
     for png in ("transfer.png", "drift.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+    assert verdict["muP/adam"]["learned"]["limit"] == pytest.approx(3.75)  # 0.75 x the runs' unigram entropy
+    # a second look without the base width: printed, nothing written over the sweep's own verdict
+    written = (tmp_path / "verdict.json").read_text()
+    assert sweep.main(["collect", str(tmp_path), "--widths", "64", "128", "--use-wandb", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "widths [64, 128] only (nothing written)" in out and "SP/adam: FAIL" in out and "muP/adam: PASS" in out
+    assert (tmp_path / "verdict.json").read_text() == written
 
 
 @pytest.mark.parametrize("code", [3, 143])
