@@ -167,34 +167,8 @@ def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> d
         slopes = np.polyfit(log_w, boot.T, 1)[0]
         drift["low"], drift["high"] = (float(v) for v in np.percentile(slopes, INTERVAL))
 
-    # the seed-mean curve of each width: regret, gain and "wider is better"
-    mean_curve = {}
-    for w in widths:
-        grid = sorted({x for xs, _ in curves[w].values() for x in xs})
-        ys = [np.mean([ys_[list(xs_).index(x)] for xs_, ys_ in curves[w].values() if x in xs_]) for x in grid]
-        mean_curve[w] = (np.array(grid), np.array(ys, float))
-    fits = {w: optimum(*mean_curve[w]) for w in widths}
     x_base = eta[base]["log2_mean"] if eta[base]["seeds"] else math.nan
-    regret = {}
-    for w in widths:
-        if w == base:
-            continue
-        at_base = loss_at(*mean_curve[w], fits[w], x_base) if math.isfinite(x_base) else math.inf
-        own = fits[w]["loss_star"]
-        gain = fits[base]["loss_star"] - own
-        r = max(at_base - own, 0.0)
-        regret[w] = {"regret": r, "gain": gain, "limit": REGRET_FRACTION * gain,
-                     "ok": bool(r <= REGRET_FRACTION * gain)}
-    wider = []
-    grid_b, ys_b = mean_curve[base]
-    for x in grid_b:
-        if not math.isfinite(x_base) or abs(x - x_base) > 1.0 + 1e-9:
-            continue
-        losses = [float(mean_curve[w][1][list(mean_curve[w][0]).index(x)]) if x in mean_curve[w][0] else math.nan
-                  for w in widths]
-        wider.append({"lr": 2.0 ** x, "losses": losses,
-                      "ok": bool(all(b < a for a, b in zip(losses, losses[1:])))})
-
+    fits, regret, wider = _regret_and_wider(curves, widths, base, x_base)
     reasons = []
     if not (math.isfinite(drift["low"]) and -DRIFT_TOL <= drift["low"] and drift["high"] <= DRIFT_TOL):
         reasons.append(f"drift interval [{drift['low']:+.3f}, {drift['high']:+.3f}] not within +-{DRIFT_TOL}")
@@ -230,6 +204,36 @@ def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> d
             "thresholds": {"drift_tol": DRIFT_TOL, "regret_fraction": REGRET_FRACTION, "fit_points": FIT_POINTS,
                            "bootstrap": BOOTSTRAP, "interval_percentiles": list(INTERVAL),
                            "learned_fraction": LEARNED_FRACTION}}
+
+
+def _regret_and_wider(curves: dict, widths: list[int], base: int, x_base: float) -> tuple[dict, dict, list]:
+    """On the seed-mean curve of each width: its fit, the regret of the base width's optimum x_base (log2 LR)
+    against the gain over the base width, and "wider is better" at every grid LR within 2x of x_base."""
+    mean_curve = {}
+    for w in widths:
+        grid = sorted({x for xs, _ in curves[w].values() for x in xs})
+        ys = [np.mean([ys_[list(xs_).index(x)] for xs_, ys_ in curves[w].values() if x in xs_]) for x in grid]
+        mean_curve[w] = (np.array(grid), np.array(ys, float))
+    fits = {w: optimum(*mean_curve[w]) for w in widths}
+    regret = {}
+    for w in widths:
+        if w == base:
+            continue
+        at_base = loss_at(*mean_curve[w], fits[w], x_base) if math.isfinite(x_base) else math.inf
+        own = fits[w]["loss_star"]
+        gain = fits[base]["loss_star"] - own
+        r = max(at_base - own, 0.0)
+        regret[w] = {"regret": r, "gain": gain, "limit": REGRET_FRACTION * gain,
+                     "ok": bool(r <= REGRET_FRACTION * gain)}
+    wider = []
+    for x in mean_curve[base][0]:
+        if not math.isfinite(x_base) or abs(x - x_base) > 1.0 + 1e-9:
+            continue
+        losses = [float(mean_curve[w][1][list(mean_curve[w][0]).index(x)]) if x in mean_curve[w][0] else math.nan
+                  for w in widths]
+        wider.append({"lr": 2.0 ** x, "losses": losses,
+                      "ok": bool(all(b < a for a, b in zip(losses, losses[1:])))})
+    return fits, regret, wider
 
 
 def _learned(rows: list[dict], best_loss: dict) -> dict | None:
