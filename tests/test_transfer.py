@@ -1,5 +1,6 @@
 """The transfer verdict (core/transfer.py) on synthetic sweeps whose truth is known: it recovers a known
 eta* and a known drift through seed noise, passes a width-independent optimum and fails a drifting one."""
+import json
 import math
 
 import numpy as np
@@ -131,3 +132,28 @@ def test_models_that_did_not_learn_are_incomplete_whatever_their_drift():
         assert "not learned beyond token frequencies" in flat["reasons"][0]
         assert set(flat["learned"]["not_below"]) == {"32", "64"}
     assert transfer.analyse(synthetic_rows(drift=0.0), base_width=32)["learned"] is None  # no entropy: no check
+
+
+def test_the_verdict_reaches_wandb_as_a_summary_run_with_figures_and_the_eta_table(tmp_path, monkeypatch):
+    """Offline, as on a machine without network: the run's files hold the figures (wandb.Image), the eta*
+    table (wandb.Table) and the verdicts, in a run named after the sweep folder."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    rows = synthetic_rows(0.0) + synthetic_rows(-0.5, param="SP")
+    result = transfer.verdicts(rows, 32)
+    sweep_dir = tmp_path / "lab"
+    sweep_dir.mkdir()
+    figures = [transfer.plot_curves(rows, result, sweep_dir / "transfer.png"),
+               transfer.plot_drift(result, sweep_dir / "drift.png")]
+    transfer.log_to_wandb(sweep_dir, result, figures, required=True)
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = run / "files" / "media"
+    assert {p.name.split("_")[0] for p in (media / "images" / "transfer").glob("*.png")} == {"transfer", "drift"}
+    (table,) = (media / "table" / "transfer").glob("eta_star_*.table.json")
+    data = json.loads(table.read_text())
+    assert data["columns"][:3] == ["key", "width", "eta_star"] and len(data["data"]) == 2 * len(WIDTHS)
+    assert {(r[0], r[6]) for r in data["data"]} == {("muP/adam", "PASS"), ("SP/adam", "FAIL")}
+    record = next(run.glob("run-*.wandb")).read_bytes()  # the run's summary and config: a binary log
+    assert b"verdict/muP/adam" in record and b"lab-transfer-verdict" in record and b"speedrun-mup-group" in record
