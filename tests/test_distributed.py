@@ -320,8 +320,11 @@ def test_accumulation_on_each_rank(tmp_path):
     l_one, l_pairs, l_two = (_series(m, "Loss/train_loss") for m in (m_one, m_pairs, m_two))
     for step in (1, 2, 3):
         assert l_two[step] == pytest.approx(l_one[step], rel=1e-5), f"step {step}"
+    # rel 1e-4, as in test_logged_grad_norm_is_the_averaged_gradients: CPU fp32 norms of the 1.6M-entry lm_head
+    # gradient round by that much with the split (measured at step 1: fp64 9.2945964; fp32 torch.norm of the
+    # whole 9.2942448, of two halves 9.2943296), while a rank's local norm differs by the batch noise
     assert _series(m_two, "Optimization/grad_norm")[1] == pytest.approx(_series(m_one, "Optimization/grad_norm")[1],
-                                                                       rel=1e-5)
+                                                                       rel=1e-4)
     for step in range(1, STEPS + 1):
         assert l_two[step] == pytest.approx(l_pairs[step], rel=1e-6), f"step {step}"
     for name, want in pairs["params"].items():
