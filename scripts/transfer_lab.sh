@@ -3,7 +3,8 @@
 #   SWEEP_JOBS=2 bash scripts/transfer_lab.sh            # resumes from what docs/transfer/runs/ holds
 # Depth 4, head_dim 32, widths 32-256 (8x), base width 32; 150 steps of 2 x 512 bytes; an Adam-LR sweep and
 # a Muon-LR sweep of 7 points (x2 apart around the record's LRs), muP and SP, 3 seeds; the negative
-# controls no-readout-mult (Adam sweep) and muon-lr-over-m (Muon sweep, one more point at x16), 2 seeds.
+# controls no-readout-mult, readout-mult-squared and embed-lr-over-m (Adam sweep) and muon-lr-over-m (Muon
+# sweep, one more point at x16), 2 seeds.
 # Env: SWEEP_JOBS (runs at once; 1 thread each on CPU), SWEEP_DIR (docs/transfer/runs), SEEDS, MISTAKE_SEEDS,
 #   WIDTHS, STEPS, PARAMS and SWEPT (a subset first, e.g. PARAMS="mup sp" SWEPT=adam SEEDS=1; the same folder
 #   and settings, so a later full run skips what is done). On 8 GPUs with FineWeb see README "muP transfer" for the same command at widths 256-2048.
@@ -18,7 +19,8 @@ TRAIN=(--data embedded-bytes --depth 4 --head-dim 32 --seq-len 512 --batch-token
   --log-every 50 --use-wandb false)
 $PYTHON -m core.sweep run "$SWEEP_DIR" --base-width 32 --widths ${WIDTHS:-32 64 128 256} \
   --seeds ${SEEDS:-1 2 3} --mistake-seeds ${MISTAKE_SEEDS:-1 2} \
-  --params ${PARAMS:-mup sp mistake:no-readout-mult:adam mistake:muon-lr-over-m:muon} --swept ${SWEPT:-adam muon} \
+  --params ${PARAMS:-mup sp mistake:no-readout-mult:adam mistake:muon-lr-over-m:muon \
+  mistake:readout-mult-squared:adam mistake:embed-lr-over-m:adam} --swept ${SWEPT:-adam muon} \
   --lr-mults 0.125 0.25 0.5 1 2 4 8 --jobs "${SWEEP_JOBS:-1}" --no-collect -- "${TRAIN[@]}"
 # muon-lr-over-m's optimum should grow like the width (x8 at width 256, the grid's edge): one more point, x16,
 # brackets it. The same folder: plan.json is the union, and the verdict fits that key on 8 points.
