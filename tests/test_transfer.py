@@ -2,6 +2,7 @@
 eta* and a known drift through seed noise, passes a width-independent optimum and fails a drifting one."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,10 +138,19 @@ def test_models_that_did_not_learn_are_incomplete_whatever_their_drift():
 def test_the_verdict_reaches_wandb_as_a_summary_run_with_figures_and_the_eta_table(tmp_path, monkeypatch):
     """Offline, as on a machine without network: the run's files hold the figures (wandb.Image), the eta*
     table (wandb.Table) and the verdicts, in a run named after the sweep folder."""
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    # where the run's files went: an earlier test's wandb.init can fix the folder for the whole session
+    real_init, folders = wandb.init, []
+
+    def spying_init(*args, **kwargs):
+        run = real_init(*args, **kwargs)
+        folders.append(Path(run.dir).parent)
+        return run
+
+    monkeypatch.setattr(wandb, "init", spying_init)
     rows = synthetic_rows(0.0) + synthetic_rows(-0.5, param="SP")
     result = transfer.verdicts(rows, 32)
     sweep_dir = tmp_path / "lab"
@@ -148,7 +158,8 @@ def test_the_verdict_reaches_wandb_as_a_summary_run_with_figures_and_the_eta_tab
     figures = [transfer.plot_curves(rows, result, sweep_dir / "transfer.png"),
                transfer.plot_drift(result, sweep_dir / "drift.png")]
     transfer.log_to_wandb(sweep_dir, result, figures, required=True)
-    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    (run,) = folders
+    assert run.name.startswith("offline-run-")
     media = run / "files" / "media"
     assert {p.name.split("_")[0] for p in (media / "images" / "transfer").glob("*.png")} == {"transfer", "drift"}
     (table,) = (media / "table" / "transfer").glob("eta_star_*.table.json")
