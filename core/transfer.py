@@ -20,7 +20,7 @@ For every parametrisation and swept LR (`muP/adam`, `SP/muon`, `mistake:no-reado
 
 6. Learned: at every width the best loss lies below LEARNED_FRACTION x the unigram entropy of the validation
    tokens (when the runs report it). Models that only learned token frequencies say nothing about transfer
-   (Tensor Programs V, sec. 6.1: transfer needs a minimum scale), so such a sweep is INCOMPLETE, PASS or FAIL.
+   (Tensor Programs V, sec. 6.1: transfer needs a minimum scale), so such a sweep is INCOMPLETE, never PASS or FAIL.
 
 PASS when the drift interval lies within +-DRIFT_TOL and at no width the regret exceeds REGRET_FRACTION of
 the gain. Both thresholds are printed with the numbers and written to verdict.json. A sweep that cannot
@@ -177,11 +177,9 @@ def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> d
             reasons.append(f"width {w}: regret {r['regret']:.4f} > {REGRET_FRACTION:.3g} x gain {r['gain']:.4f}")
     missing = _incomplete(curves, per_seed)
     learned = _learned(rows, {w: fits[w]["loss_star"] for w in widths})
-    if learned and not learned["ok"]:
-        missing.insert(0, "the models have not learned beyond token frequencies: best loss "
-                       + ", ".join(f"{l:.3f} (w{w})" for w, l in learned["not_below"].items())
-                       + f" not below {LEARNED_FRACTION:g} x unigram entropy {learned['unigram_entropy']:.3f}"
-                       f" = {learned['limit']:.3f}; train longer")
+    unlearned = learned is not None and not learned["ok"]
+    if unlearned:
+        missing.insert(0, _unlearned_reason(learned))
     # A FAIL backed by intervals stands on an unbracketed optimum (the grid's edge only hides a larger drift
     # in its direction); a PASS needs intervals (>= MIN_SEEDS seeds), >= 3 points per curve, bracketed optima.
     enough_seeds = len(usable) >= 2 and all(len(curves[w]) >= MIN_SEEDS for w in widths)
@@ -189,7 +187,7 @@ def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> d
         missing.append("no seed has run the whole width x LR grid yet")
         enough_seeds = False
     verdict = "FAIL" if reasons and enough_seeds else ("INCOMPLETE" if missing or reasons else "PASS")
-    if learned and not learned["ok"]:  # neither a PASS nor a FAIL on models that did not learn
+    if unlearned:  # neither a PASS nor a FAIL on models that did not learn
         verdict, reasons = "INCOMPLETE", []
     if verdict == "INCOMPLETE" and not reasons and missing:
         reasons = missing
@@ -246,6 +244,13 @@ def _learned(rows: list[dict], best_loss: dict) -> dict | None:
     not_below = {str(w): loss for w, loss in best_loss.items() if not loss < limit}
     return {"unigram_entropy": entropy, "fraction": LEARNED_FRACTION, "limit": limit,
             "ok": not not_below, "not_below": not_below}
+
+
+def _unlearned_reason(learned: dict) -> str:
+    return ("the models have not learned beyond token frequencies: best loss "
+            + ", ".join(f"{loss:.3f} (w{w})" for w, loss in learned["not_below"].items())
+            + f" not below {LEARNED_FRACTION:g} x unigram entropy {learned['unigram_entropy']:.3f}"
+            f" = {learned['limit']:.3f}; train longer")
 
 
 def _incomplete(curves: dict, per_seed: dict) -> list[str]:
