@@ -48,6 +48,7 @@ import numbers
 import os
 import re
 import socket
+import subprocess
 import tempfile
 import threading
 from datetime import datetime
@@ -182,6 +183,20 @@ def make_run_name(*, mup: bool, width: int, base_width: int | None, now: datetim
     if base_width is None:
         raise ValueError("a muP run name needs base_width; pass --base-width with --mup")
     return f"speedrun_{ts}_mup_w{int(width)}_base{int(base_width)}"
+
+
+def code_version(repo: Path | None = None) -> str:
+    """The commit the code runs from, e.g. "669846a", "+dirty" when tracked files differ from it, "unknown"
+    outside a git checkout. In config.json and the log, so a sweep can tell which runs share one commit."""
+    repo = repo or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=7", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
 
 
 def default_wandb_project(mup: bool, group: bool = False) -> str:

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,12 +34,11 @@ from pathlib import Path
 
 import torch
 
-from core import transfer
+from core import launch, transfer
 from core.config import ConfigError, TrainConfig, parse_args, resolve_defaults, validate
 from core.logger import parse_step_line
 from core.mup import MUP_MISTAKES
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LR = {"adam": TrainConfig.adam_lr, "muon": TrainConfig.muon_lr, "lr": 1.0}
 SWEPT = tuple(DEFAULT_LR)
 FIELDS = ["parametrisation", "swept", "width", "lr", "lr_mult", "seed", "final_val_loss", "steps", "status", "run",
@@ -164,21 +162,30 @@ def _slot_env(slot: int, jobs: int, nproc: int) -> dict[str, str]:
     return env
 
 
+def _train_argv(run: PlannedRun, base_width: int, train_args: list[str], sweep_dir: Path,
+                wandb_project: str) -> list[str]:
+    """train.py's flags for one planned run."""
+    return [*run.train_args(base_width), "--log-dir", str(sweep_dir), "--run-name", run.name, "--resume", "auto",
+            "--wandb-project", wandb_project, "--wandb-group", sweep_dir.name, *train_args]
+
+
 def _command(run: PlannedRun, base_width: int, train_args: list[str], sweep_dir: Path, nproc: int,
              wandb_project: str) -> list[str]:
+    """The command line of one planned run as a fresh process (the exec launcher)."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return launcher + ["train.py", *run.train_args(base_width), "--log-dir", str(sweep_dir), "--run-name", run.name,
-                       "--resume", "auto", "--wandb-project", wandb_project, "--wandb-group", sweep_dir.name,
-                       *train_args]
+    return launcher + ["train.py", *_train_argv(run, base_width, train_args, sweep_dir, wandb_project)]
 
 
 def run_sweep(sweep_dir: Path, plan: list[PlannedRun], base_width: int, train_args: list[str], *, jobs: int = 1,
               nproc: int = 1, retry_failed: bool = False, wandb_project: str = "speedrun-mup-group",
-              log=print) -> dict[str, int]:
-    """Run every planned run not yet done, `jobs` at a time. Returns counts {done, failed, skipped, stopped}."""
+              launcher: str = "exec", log=print) -> dict[str, int]:
+    """Run every planned run not yet done, `jobs` at a time. Returns counts {done, failed, skipped, stopped}.
+    `launcher`: "exec" starts each run as a fresh process, "fork" forks this one (core/launch.py)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    if launcher == "fork":
+        launch.preload()
     write_plan(sweep_dir, plan, base_width, train_args)
     todo = []
     counts = {"done": 0, "failed": 0, "skipped": 0, "stopped": 0}
@@ -190,8 +197,8 @@ def run_sweep(sweep_dir: Path, plan: list[PlannedRun], base_width: int, train_ar
         (sweep_dir / f"{r.name}.failed").unlink(missing_ok=True)
         todo.append(r)
     log(f"sweep {sweep_dir}: {len(plan)} runs planned, {counts['skipped']} already done or failed, "
-        f"{len(todo)} to run, {jobs} at a time")
-    running: dict[int, tuple[PlannedRun, subprocess.Popen, float]] = {}
+        f"{len(todo)} to run, {jobs} at a time ({launcher} launcher)")
+    running: dict[int, tuple[PlannedRun, object, float]] = {}  # slot -> (run, process, start)
     stopping = []
 
     def forward(signum, _frame):
@@ -207,10 +214,9 @@ def run_sweep(sweep_dir: Path, plan: list[PlannedRun], base_width: int, train_ar
             while queue and len(running) < jobs and not stopping:
                 slot = next(i for i in range(jobs) if i not in running)
                 r = queue.pop(0)
-                with open(sweep_dir / f"{r.name}.out", "w") as out:
-                    proc = subprocess.Popen(_command(r, base_width, train_args, sweep_dir, nproc, wandb_project),
-                                            cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                            env=_slot_env(slot, jobs, nproc))
+                proc = launch.start(_train_argv(r, base_width, train_args, sweep_dir, wandb_project),
+                                    sweep_dir / f"{r.name}.out", _slot_env(slot, jobs, nproc), launcher,
+                                    _command(r, base_width, train_args, sweep_dir, nproc, wandb_project))
                 running[slot] = (r, proc, time.perf_counter())
             time.sleep(0.2)
             for slot, (r, proc, t0) in list(running.items()):
@@ -416,6 +422,9 @@ def main(argv=None) -> int:
     r.add_argument("--jobs", type=int, default=int(os.environ.get("SWEEP_JOBS", "1")))
     r.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
     r.add_argument("--retry-failed", action="store_true")
+    r.add_argument("--launcher", default="auto", choices=launch.LAUNCHERS,
+                   help="fork: each run a fork of this process (CPU, --nproc 1; saves ~3 s of imports a run); "
+                        "exec: a fresh process per run; auto: fork where it can (core/launch.py)")
     r.add_argument("--wandb-project", default="speedrun-mup-group")
     r.add_argument("--no-collect", action="store_true", help="skip `collect` at the end")
     c = sub.add_parser("collect", help="sweep.csv, verdict.json and figures from a sweep folder (or its CSV)")
@@ -450,8 +459,13 @@ def main(argv=None) -> int:
             return 2
         if check_widths([str(w) for w in a.widths], train_args):
             return 2
+        try:
+            launcher = launch.resolve_launcher(a.launcher, a.nproc, torch.cuda.is_available())
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         counts = run_sweep(Path(a.sweep_dir), plan, a.base_width, train_args, jobs=a.jobs, nproc=a.nproc,
-                           retry_failed=a.retry_failed, wandb_project=a.wandb_project)
+                           retry_failed=a.retry_failed, wandb_project=a.wandb_project, launcher=launcher)
         print(f"sweep: {counts['done']} finished, {counts['failed']} failed, {counts['stopped']} stopped, "
               f"{counts['skipped']} skipped (done before or failed before)")
         if counts["stopped"]:

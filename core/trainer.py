@@ -177,7 +177,8 @@ class Trainer:
         # what "auto" resolved to on this machine, next to the flags, in config.json and the W&B config
         self.resolved = {"device": str(self.device), "world_size": info.world_size, "grad_accum": self.grad_accum,
                          "fp8_mode": self.fp8_mode, "fp8_reason": self.fp8_reason, "compile": self.use_compile,
-                         "ns_dtype": str(ns_dtype(self.device)).replace("torch.", ""), "vocab": self.data.vocab.name}
+                         "ns_dtype": str(ns_dtype(self.device)).replace("torch.", ""), "vocab": self.data.vocab.name,
+                         "code": core.logger.code_version()}
         try:
             self.logger = SimpleLogger(
                 self.run_dir, {**cfg.to_dict(), "resolved": self.resolved}, rank=info.rank, use_wandb=cfg.use_wandb,
@@ -204,7 +205,8 @@ class Trainer:
             if resumed["world_size"] != info.world_size:
                 log(f"resume: world size {resumed['world_size']} -> {info.world_size}: same global batch, so the run "
                     "continues the same training, equal to an uninterrupted one up to float rounding (not bitwise)")
-        log(f"python {sys.version.split()[0]} | torch {torch.__version__} | {platform.platform()}")
+        log(f"code {self.resolved['code']} | python {sys.version.split()[0]} | torch {torch.__version__} | "
+            f"{platform.platform()}")
         log(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
             + f" | world size {info.world_size} | backend {info.backend or 'none (single process)'}")
         data = self.data

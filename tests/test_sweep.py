@@ -139,3 +139,47 @@ def test_a_run_stopped_by_a_signal_is_resumed_later_not_recorded_as_failed(tmp_p
     counts = sweep.run_sweep(tmp_path / "sw", plan, 32, [], log=lambda *_: None)
     assert counts["stopped"] == 1 and counts["failed"] == 0
     assert sweep.run_state(tmp_path / "sw", plan[0].name) == "todo"  # the next run of the sweep takes it again
+
+
+TINY = ["--data", "embedded-bytes", "--depth", "2", "--head-dim", "16", "--seq-len", "128", "--batch-tokens", "256",
+        "--iterations", "6", "--val-every", "0", "--val-seq-len", "128", "--val-tokens", "2048", "--window-max", "128",
+        "--log-every", "2", "--use-wandb", "false"]
+
+
+def _losses(run_dir: Path) -> tuple:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary["final_val_loss"], [(r["step"], r.get("Loss/train_loss"), r.get("Optimization/grad_norm"))
+                                       for r in rows]
+
+
+def test_fork_launcher_trains_bitwise_like_a_fresh_process(tmp_path):
+    """core/launch.py: a run forked from the sweep process equals the same run as `python train.py`, to the bit."""
+    for launcher in ("exec", "fork"):
+        proc = subprocess.run([sys.executable, "-m", "core.sweep", "run", str(tmp_path / launcher), "--base-width",
+                               "16", "--widths", "16", "32", "--seeds", "3", "--params", "mup", "--swept", "adam",
+                               "--lr-mults", "2", "--jobs", "2", "--launcher", launcher, "--no-collect", "--", *TINY],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"({launcher} launcher)" in proc.stdout and "2 finished, 0 failed" in proc.stdout
+    for name in ("mup_adam_w16_lrx2_s3", "mup_adam_w32_lrx2_s3"):
+        exec_run, fork_run = _losses(tmp_path / "exec" / name), _losses(tmp_path / "fork" / name)
+        assert len(exec_run[1]) >= 3 and exec_run == fork_run
+
+
+def test_a_forked_run_reports_its_exit_code_and_output(tmp_path):
+    """A bad flag in a forked child: argparse's exit 2 and its message reach the parent, as from a process."""
+    code = ("import sys, time; from pathlib import Path; from core import launch; launch.preload(); "
+            f"r = launch.ForkedRun(['--no-such-flag'], Path({str(tmp_path / 'x.out')!r}), {{'PATH': '/bin'}}); "
+            "exec('while r.poll() is None: time.sleep(0.05)'); print(r.returncode)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "2", proc.stdout + proc.stderr
+    assert "unrecognized arguments: --no-such-flag" in (tmp_path / "x.out").read_text()
+
+
+def test_launcher_choice():
+    from core.launch import resolve_launcher
+    assert resolve_launcher("auto", 1, cuda=False) == "fork"
+    assert resolve_launcher("auto", 1, cuda=True) == "exec" and resolve_launcher("auto", 8, cuda=False) == "exec"
+    with pytest.raises(ValueError, match="--launcher exec"):
+        resolve_launcher("fork", 1, cuda=True)
