@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from core import launch, transfer
+from core import launch, transfer, transfer_report
 from core.config import ConfigError, TrainConfig, parse_args, resolve_defaults, validate
 from core.logger import parse_step_line
 from core.mup import MUP_MISTAKES
@@ -42,8 +42,11 @@ from core.mup import MUP_MISTAKES
 DEFAULT_LR = {"adam": TrainConfig.adam_lr, "muon": TrainConfig.muon_lr, "lr": 1.0}
 SWEPT = tuple(DEFAULT_LR)
 FIELDS = ["parametrisation", "swept", "width", "lr", "lr_mult", "seed", "final_val_loss", "steps", "status", "run",
-          "run_s", "unigram_entropy"]  # run_s: the run's wall time (summary.json total_time_s), what the sweep cost;
-# unigram_entropy: the validation tokens' (summary.json), the "learned beyond token frequencies" line of the verdict
+          "run_s", "unigram_entropy", "bigram_xent", "code"]
+# run_s: the run's wall time (summary.json total_time_s), what the sweep cost; unigram_entropy: of the validation
+# tokens (summary.json), the verdict's line between a trained and a diverged run; bigram_xent: a bigram fitted on
+# the training tokens, scored on the validation tokens (core/baselines.py), the verdict's "learned" gate;
+# code: the commit the run trained at (config.json resolved.code; empty for runs older than that field)
 PLAN_FILE = "plan.json"
 # train.py's exit 3 (SIGTERM/SIGINT: checkpointed), 128+N (a second signal: no checkpoint), -N (killed by N)
 STOPPED_CODES = {3, 130, 143, -2, -9, -15}
@@ -288,9 +291,11 @@ def _describe(run_dir: Path, cfg: dict, planned: dict | None) -> tuple[str, str,
     return param, swept, lr, lr / DEFAULT_LR[swept]
 
 
-def collect(sweep_dir: Path) -> list[dict]:
-    """One row per finished run (final val loss), plus the failed runs of plan.json (status "failed")."""
+def collect(sweep_dir: Path, log=print) -> list[dict]:
+    """One row per finished run (final val loss), plus the failed runs of plan.json (status "failed"), each with
+    the n-gram references of the data it trained on (computed once per data setting)."""
     plan = json.loads((sweep_dir / PLAN_FILE).read_text())["runs"] if (sweep_dir / PLAN_FILE).exists() else {}
+    refs: dict[tuple, dict] = {}
     rows = []
     for cfg_path in sorted(sweep_dir.glob("*/config.json")):
         run_dir = cfg_path.parent
@@ -306,16 +311,34 @@ def collect(sweep_dir: Path) -> list[dict]:
         loss, step = found
         summary = run_dir / "summary.json"
         info = json.loads(summary.read_text()) if summary.exists() else {}
+        ref = _references(cfg, refs, log)
         rows.append({"parametrisation": param, "swept": swept, "width": cfg["width"], "lr": lr, "lr_mult": mult,
                      "seed": cfg["seed"], "final_val_loss": loss if math.isfinite(loss) else float("nan"),
                      "steps": step, "status": "done" if math.isfinite(loss) else "diverged", "run": run_dir.name,
-                     "run_s": info.get("total_time_s", ""), "unigram_entropy": info.get("unigram_entropy", "")})
+                     "run_s": info.get("total_time_s", ""),
+                     "unigram_entropy": info.get("unigram_entropy", ref.get("unigram_entropy", "")),
+                     "bigram_xent": ref.get("bigram_xent", ""), "code": cfg.get("resolved", {}).get("code", "")})
     for name, planned in plan.items():
         if run_state(sweep_dir, name) == "failed":
             r = PlannedRun(**planned)
             rows.append({"parametrisation": r.param, "swept": r.swept, "width": r.width, "lr": r.lr, "lr_mult": r.mult,
                          "seed": r.seed, "final_val_loss": float("nan"), "steps": 0, "status": "failed", "run": name})
     return rows
+
+
+def _references(cfg: dict, cache: dict, log) -> dict:
+    """The n-gram references (core/baselines.py) of the data a run's config names; {} when the data cannot be
+    read here (the verdict then says it has no bigram reference, and is INCOMPLETE)."""
+    spec = (cfg.get("data"), cfg.get("data_dir"), cfg.get("val_tokens"), cfg.get("val_seq_len") or 1024)
+    if spec not in cache:
+        from core.baselines import references
+        try:
+            cache[spec] = references(*spec)
+        except Exception as e:  # missing data on the collecting machine: said, and the verdict shows it
+            log(f"warning: no n-gram references for data {spec[0] or spec[1] or 'default'} ({e}); the verdicts "
+                "that need them are INCOMPLETE")
+            cache[spec] = {}
+    return cache[spec]
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -335,7 +358,8 @@ def read_csv(path: Path) -> list[dict]:
                          "seed": int(r["seed"]), "final_val_loss": float(r["final_val_loss"] or "nan"),
                          "steps": int(r["steps"] or 0), "status": r.get("status") or "done",
                          "run_s": float(r["run_s"]) if r.get("run_s") else "",
-                         "unigram_entropy": float(r["unigram_entropy"]) if r.get("unigram_entropy") else ""})
+                         "unigram_entropy": float(r["unigram_entropy"]) if r.get("unigram_entropy") else "",
+                         "bigram_xent": float(r["bigram_xent"]) if r.get("bigram_xent") else ""})
     return rows
 
 
@@ -360,9 +384,9 @@ def check_widths(widths: list[str], rest: list[str]) -> int:
 def main_collect(sweep_dir: Path, base_width: int | None, use_wandb: str = "auto",
                  widths: list[int] | None = None) -> int:
     """Read the runs (or the folder's sweep.csv when it has no run folders), write sweep.csv, verdict.json,
-    verdict.md (the table the README quotes), transfer.png and drift.png next to it, print the verdict.
-    With `widths`, judge those widths only (base: the smallest) and print the verdict without writing a file:
-    a second look at a sweep, e.g. without its narrowest width, that leaves the sweep's own verdict as it is."""
+    verdict.md (the README's tables), transfer.png, drift.png and head_to_head.png next to it, print the verdict
+    and the compute it cost. With `widths`, judge those widths only (base: the smallest) and print the verdict
+    without writing a file: a second look at a sweep, e.g. without its narrowest width."""
     if not sweep_dir.is_dir():
         print(f"error: {sweep_dir} is not a folder of sweep runs", file=sys.stderr)
         return 2
@@ -376,32 +400,46 @@ def main_collect(sweep_dir: Path, base_width: int | None, use_wandb: str = "auto
     if not rows:
         print(f"error: no finished runs (config.json + a val_loss step line) under {runs_dir}", file=sys.stderr)
         return 1
+    if base_width is None and (runs_dir / PLAN_FILE).exists():
+        base_width = json.loads((runs_dir / PLAN_FILE).read_text()).get("base_width")
     if widths:
         rows = [r for r in rows if r["width"] in widths]
         if not rows:
             print(f"error: no finished runs at widths {widths} under {runs_dir}", file=sys.stderr)
             return 1
-        result = transfer.verdicts(rows, base_width or min(widths))
-        print(f"widths {sorted(widths)} only (nothing written):\n{transfer.report(result)}")
+        result = transfer.verdicts(rows, min(widths))
+        print(f"widths {sorted(widths)} only (nothing written):\n{transfer_report.report(result)}")
         return 0
-    if base_width is None and (runs_dir / PLAN_FILE).exists():
-        base_width = json.loads((runs_dir / PLAN_FILE).read_text()).get("base_width")
     result = transfer.verdicts(rows, base_width)
     (sweep_dir / "verdict.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    figure = transfer.plot_curves(rows, result, sweep_dir / "transfer.png")
-    drift = transfer.plot_drift(result, sweep_dir / "drift.png")
-    (sweep_dir / "verdict.md").write_text(transfer.markdown(result))
-    text = transfer.report(result)
-    print(text)
-    timed = [r["run_s"] for r in rows if r.get("run_s") != ""]
-    if timed:
-        print(f"compute: {len(rows)} runs; {len(timed)} timed, {sum(timed) / 3600:.2f} h summed over their wall times "
-              f"(runs in parallel overlap: divide by SWEEP_JOBS for the elapsed time)")
+    figures = [transfer_report.plot_curves(rows, result, sweep_dir / "transfer.png"),
+               transfer_report.plot_drift(result, sweep_dir / "drift.png"),
+               transfer_report.plot_head_to_head(result, sweep_dir / "head_to_head.png")]
+    figures = [f for f in figures if f is not None]
+    (sweep_dir / "verdict.md").write_text(transfer_report.markdown(result))
+    print(transfer_report.report(result))
+    print(compute_summary(rows))
     print(f"csv: {csv_path}\nverdict: {sweep_dir / 'verdict.json'}, {sweep_dir / 'verdict.md'}\n"
-          f"figures: {figure}, {drift}")
+          f"figures: {', '.join(map(str, figures))}")
     if use_wandb != "false":
-        transfer.log_to_wandb(sweep_dir, result, [figure, drift], required=use_wandb == "true")
+        transfer_report.log_to_wandb(sweep_dir, result, figures, required=use_wandb == "true")
     return 0
+
+
+def compute_summary(rows: list[dict]) -> str:
+    """What the sweep cost: runs and summed wall hours per key and in all (each run's own wall time)."""
+    per_key: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("run_s") != "" and r.get("run_s") is not None:
+            per_key.setdefault(f"{r['parametrisation']}/{r['swept']}", []).append(float(r["run_s"]))
+    timed = [t for ts in per_key.values() for t in ts]
+    if not timed:
+        return "compute: no run reports its wall time"
+    lines = [f"compute: {len(rows)} runs; {len(timed)} timed, {sum(timed) / 3600:.2f} h summed over their wall "
+             f"times (runs in parallel overlap: divide by SWEEP_JOBS for the elapsed time)"]
+    for key in sorted(per_key, key=transfer._reading_order):
+        lines.append(f"  {key:<40} {len(per_key[key]):>4} runs {sum(per_key[key]) / 3600:>7.2f} h")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -1,140 +1,88 @@
 """The transfer verdict: does the optimal LR found at the base width stay optimal at every width?
 
-    python -m core.sweep collect docs/transfer          # reads docs/transfer/sweep.csv (or run folders)
+    python -m core.sweep collect docs/transfer        # reads the runs (or sweep.csv), writes verdict.json, figures
 
-This module judges rows; core/sweep.py reads them from the runs and calls it (`main_collect`).
+This module judges rows (one per finished run: parametrisation, swept LR, width, LR, seed, final val loss,
+and the data's unigram entropy and bigram cross-entropy); core/sweep.py reads them and calls `verdicts`;
+core/transfer_report.py prints and draws the result. For every key (parametrisation x swept LR: `muP/adam`,
+`SP/muon`, `mistake:no-readout-mult/adam`, ...):
 
-For every parametrisation and swept LR (`muP/adam`, `SP/muon`, `mistake:no-readout-mult/adam`, ...):
+1. **Curves**: per width and seed, the final loss against x = log2(LR). A run that diverged (non-finite loss)
+   or ended at or above the unigram entropy of the validation tokens (no better than token frequencies: it
+   diverged or never trained) is left out of its curve and listed under `excluded` with the rule.
+2. **eta\\*** of every curve by each estimator of core/optimum.py (quad3, quad5, quadgcv), with its flag.
+3. **Drift**, per estimator: per seed, the least-squares slope of log2 eta* against log2 width (a seed is one
+   replicate of the whole sweep: the same data order at every width, so the slopes pair the widths); the
+   drift is the mean over seeds with a Student-t interval (seeds - 1 degrees of freedom). 0: the optimum
+   does not move with width. `core/calibration.py` shows on synthetic sweeps with this lab's noise that the
+   interval covers the true drift as often as it claims (tests/test_calibration.py).
+4. **Regret**, per estimator: at every width, the loss at the base width's eta* minus the loss at the width's
+   own eta*, read on each seed's curve (core/optimum.loss_at); mean over seeds, t-interval, in nats.
+5. **Wider is better at the transferred LR**: per seed, the loss at the base width's eta* at each width minus
+   the next narrower width's; mean and t-interval.
+   (A seed's curve carries ~0.016 nats of noise per point, so a per-seed regret of a few millinats cannot be
+   shown small with 5 seeds; 4 and 5 are judged the other way round: they fail a key when the data show a
+   regret above REGRET_TOL, or a wider width ending higher, beyond the interval.)
+6. **Learned**: every width's best loss lies below the bigram cross-entropy of the data (core/baselines.py).
 
-1. eta* per width and seed: the loss against x = log2(LR) near the best grid point, fitted by a quadratic
-   through the nearest FIT_POINTS points (3-5, fewer at the grid's edge or next to diverged runs); its
-   minimum, kept inside the fitted points (an optimum on the grid's edge is flagged, not extrapolated).
-   A concave or flat fit falls back to the best grid point.
-2. Over seeds: the mean of log2 eta* per width, with a bootstrap interval (seeds resampled).
-3. Drift: the least-squares slope of mean log2 eta* against log2 width, with a bootstrap interval
-   (seeds resampled independently per width). 0 means the optimum does not move with width.
-4. Regret: at every width, the loss (seed-mean curve) at the base width's eta* minus the loss at that
-   width's own eta*; set against the gain, the loss the base width's optimum gives up against the
-   wider model's optimum.
-5. Wider is better: at every grid LR within 2x of the base optimum, the seed-mean loss falls with width.
+Judgement, per estimator: PASS when it is shown, at the interval's confidence, that the drift lies within
++-DRIFT_TOL, and it is shown neither that some width's regret exceeds REGRET_TOL nats (the interval's lower
+end above it) nor that a wider width ends higher at the transferred LR (the interval above 0); FAIL when,
+with enough data, the drift is not shown within the tolerance or one of the other two is shown; INCOMPLETE
+when the data cannot
+judge: fewer than MIN_SEEDS complete seeds, a curve with fewer than 3 finite points, or a best LR on the
+grid's edge (which blocks a PASS, not a FAIL: the edge only hides a larger drift in its direction).
+The key: PASS when every estimator says PASS, FAIL when every one says FAIL, otherwise INCOMPLETE naming
+the estimators that disagree. A key whose base width has no runs, whose data give no bigram reference,
+or whose models did not beat the bigram at some width is INCOMPLETE whatever else it shows. A seed that
+has not run the key's whole width x LR grid yet (a sweep in progress) is left out and reported.
 
-6. Learned: at every width the best loss lies below LEARNED_FRACTION x the unigram entropy of the validation
-   tokens (when the runs report it). Models that only learned token frequencies say nothing about transfer
-   (Tensor Programs V, sec. 6.1: transfer needs a minimum scale), so such a sweep is INCOMPLETE, never PASS or FAIL.
-
-PASS when the drift interval lies within +-DRIFT_TOL and at no width the regret exceeds REGRET_FRACTION of
-the gain. Both thresholds are printed with the numbers and written to verdict.json. A sweep that cannot
-certify a PASS yet (fewer than MIN_SEEDS seeds at a width, fewer than 3 finite LR points, or a best LR on
-the grid's edge) is INCOMPLETE, unless what it has already fails. A seed that has not run the key's whole
-width x LR grid yet (a sweep in progress) is left out of the verdict and reported as in progress.
+`head_to_head` sets muP against SP for each swept LR: the drift difference (paired by seed) and, at every
+width, the loss at the base width's eta* under each and each one tuned per width, with intervals.
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from pathlib import Path
+from functools import lru_cache
 
 import numpy as np
+from scipy import stats
 
-from core.logger import log_summary_run
+from core.optimum import ESTIMATORS, estimate, loss_at, spline_minimum
 
-DRIFT_TOL = 0.25          # |d log2(eta*) / d log2(width)|: a quarter of a grid step per doubling of width
-REGRET_FRACTION = 1 / 3   # the regret of the base width's eta* may cost at most a third of the width gain
-FIT_POINTS = 5            # grid points in the quadratic fit around the best one (>= 3)
-BOOTSTRAP = 2000          # resamples for the intervals (a fixed RNG seed: the verdict is reproducible)
-MIN_SEEDS = 2             # an interval over seeds needs at least two; fewer: INCOMPLETE, never PASS
-INTERVAL = (2.5, 97.5)    # percentiles: a 95% bootstrap interval
-LEARNED_FRACTION = 0.75   # every width's best loss below this fraction of the unigram entropy, or INCOMPLETE
-
-
-# ---------------------------------------------------------------------------------------------
-# One loss curve
+DRIFT_TOL = 0.25       # |d log2(eta*) / d log2(width)|: a quarter of a grid step per doubling of width
+REGRET_TOL = 0.01      # nats: the most the base width's eta* may cost at any width (~0.5% of the lab's loss,
+#                        below one run's seed-to-seed spread of 0.016); a limit that does not grow with width
+CONFIDENCE = 0.95      # two-sided intervals; a PASS needs the whole interval inside its bound
+MIN_SEEDS = 3          # a t-interval on 2 seeds is too wide to certify anything, and too trusting of the spread
+REFERENCE_ESTIMATOR = "quad3"  # the one the tables and figures show (core/calibration.py: the best calibrated)
+BLOCKING_FLAGS = ("edge", "few", "none")  # an estimate that cannot support a PASS
 
 
-def fit_window(xs: np.ndarray, ys: np.ndarray, points: int = FIT_POINTS) -> np.ndarray:
-    """Indices of the finite grid points nearest the best one (up to `points`, contiguous in the finite ones)."""
-    finite = np.flatnonzero(np.isfinite(ys))
-    if finite.size == 0:
-        return finite
-    best = finite[np.argmin(ys[finite])]
-    order = sorted(finite, key=lambda i: (abs(xs[i] - xs[best]), xs[i]))
-    return np.array(sorted(order[:points]))
+@lru_cache(maxsize=64)
+def t_quantile(q: float, df: int) -> float:
+    return float(stats.t.ppf(q, df))
 
 
-def optimum(xs, ys, points: int = FIT_POINTS) -> dict:
-    """{x_star, loss_star, edge, coeffs, window} of one curve (x = log2 LR, y = loss)."""
-    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
-    idx = fit_window(xs, ys, points)
-    if idx.size == 0:
-        return {"x_star": math.nan, "loss_star": math.nan, "edge": True, "coeffs": None, "window": []}
-    best = idx[np.argmin(ys[idx])]
-    lo, hi = xs[idx].min(), xs[idx].max()
-    finite_x = xs[np.isfinite(ys)]
-    edge = bool(xs[best] == finite_x.min() or xs[best] == finite_x.max())
-    coeffs = None
-    x_star, y_star = xs[best], ys[best]
-    if idx.size >= 3:
-        a, b, c = np.polyfit(xs[idx], ys[idx], 2)
-        if a > 0:
-            x_star = float(np.clip(-b / (2 * a), lo, hi))
-            y_star = float(np.polyval((a, b, c), x_star))
-            coeffs = (float(a), float(b), float(c))
-    return {"x_star": float(x_star), "loss_star": float(y_star), "edge": edge, "coeffs": coeffs,
-            "window": [float(xs[idx].min()), float(xs[idx].max())]}
-
-
-def loss_at(xs, ys, fit: dict, x: float) -> float:
-    """The curve's loss at x: the quadratic inside its fitted window, linear between grid points outside it."""
-    if fit["coeffs"] is not None and fit["window"][0] <= x <= fit["window"][1]:
-        return float(np.polyval(fit["coeffs"], x))
-    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
-    ok = np.isfinite(ys)
-    if not ok.any() or x < xs[ok].min() or x > xs[ok].max():
-        return math.inf  # outside the measured range: unknown, treated as no better than divergence
-    return float(np.interp(x, xs[ok], ys[ok]))
+def t_interval(values, confidence: float = CONFIDENCE) -> dict:
+    """{mean, low, high, n} of the mean of `values` (NaNs dropped): Student-t with n - 1 degrees of freedom.
+    An infinite value (a loss outside the measured LRs) makes the mean and both bounds infinite, never hidden."""
+    v = np.asarray([x for x in values if not math.isnan(x)], float)
+    if np.isinf(v).any():
+        m = float(v.sum())
+        return {"mean": m, "low": m, "high": m, "n": int(v.size)}
+    if v.size == 0:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    mean = float(v.mean())
+    if v.size < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": 1}
+    half = t_quantile(0.5 + confidence / 2, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": int(v.size)}
 
 
 # ---------------------------------------------------------------------------------------------
-# One parametrisation x swept LR
-
-
-def _curves(rows: list[dict]) -> dict:
-    """{width: {seed: (xs, ys)}} with xs = log2 LR sorted; a diverged run has loss NaN."""
-    acc = defaultdict(lambda: defaultdict(dict))
-    for r in rows:
-        acc[r["width"]][r["seed"]][math.log2(r["lr"])] = r["final_val_loss"]
-    out = {}
-    for w, seeds in acc.items():
-        out[w] = {}
-        for s, pts in seeds.items():
-            xs = np.array(sorted(pts))
-            out[w][s] = (xs, np.array([pts[x] for x in xs], float))
-    return out
-
-
-def _slope(log_w: np.ndarray, x_star: np.ndarray) -> float:
-    return float(np.polyfit(log_w, x_star, 1)[0])
-
-
-def _eta_star(per_seed: dict, widths: list[int], rng) -> tuple[dict, dict]:
-    """Per width: the seed-mean log2 eta* with its bootstrap interval, and the bootstrap means (for the drift)."""
-    eta = {}
-    boot_means = {}
-    for w in widths:
-        xs_star = np.array([f["x_star"] for f in per_seed[w].values()])
-        xs_star = xs_star[np.isfinite(xs_star)]
-        if xs_star.size == 0:
-            eta[w] = {"log2_mean": math.nan, "log2_low": math.nan, "log2_high": math.nan, "seeds": 0}
-            boot_means[w] = np.full(BOOTSTRAP, math.nan)
-            continue
-        boots = rng.choice(xs_star, size=(BOOTSTRAP, xs_star.size), replace=True).mean(axis=1)
-        boot_means[w] = boots
-        lo, hi = np.percentile(boots, INTERVAL)
-        eta[w] = {"log2_mean": float(xs_star.mean()), "log2_low": float(lo), "log2_high": float(hi),
-                  "seeds": int(xs_star.size), "edge": any(f["edge"] for f in per_seed[w].values())}
-        for k in ("mean", "low", "high"):
-            eta[w][k] = 2.0 ** eta[w][f"log2_{k}"]
-    return eta, boot_means
+# Rows -> curves
 
 
 def split_partial_seeds(rows: list[dict]) -> tuple[list[dict], dict]:
@@ -148,310 +96,248 @@ def split_partial_seeds(rows: list[dict]) -> tuple[list[dict], dict]:
     return [r for r in rows if r["seed"] not in partial], partial
 
 
-def analyse(rows: list[dict], base_width: int | None = None, seed: int = 0) -> dict:
-    """The verdict of one parametrisation x swept LR (rows of one key). See the module docstring."""
-    complete, partial = split_partial_seeds(rows)
-    rows = complete or rows  # no seed complete yet: judge what there is, but never PASS or FAIL on it
-    curves = _curves(rows)
-    widths = sorted(curves)
-    base = base_width if base_width in curves else widths[0]
-    rng = np.random.default_rng(seed)
-    per_seed = {w: {s: optimum(*curves[w][s]) for s in sorted(curves[w])} for w in widths}
-    eta, boot_means = _eta_star(per_seed, widths, rng)
-    usable = [w for w in widths if eta[w]["seeds"]]
-    log_w = np.log2(np.array(usable, float))
-    drift = {"slope": math.nan, "low": math.nan, "high": math.nan}
-    if len(usable) >= 2:
-        drift["slope"] = _slope(log_w, np.array([eta[w]["log2_mean"] for w in usable]))
-        boot = np.stack([boot_means[w] for w in usable], axis=1)  # (BOOTSTRAP, widths)
-        slopes = np.polyfit(log_w, boot.T, 1)[0]
-        drift["low"], drift["high"] = (float(v) for v in np.percentile(slopes, INTERVAL))
+def _reference(rows: list[dict], column: str) -> float | None:
+    """One number of the data (the same in every row of a sweep): unigram_entropy or bigram_xent."""
+    values = [r[column] for r in rows if isinstance(r.get(column), float) and math.isfinite(r[column])]
+    return float(np.mean(values)) if values else None
 
-    x_base = eta[base]["log2_mean"] if eta[base]["seeds"] else math.nan
-    fits, regret, wider = _regret_and_wider(curves, widths, base, x_base)
-    reasons = []
-    if not (math.isfinite(drift["low"]) and -DRIFT_TOL <= drift["low"] and drift["high"] <= DRIFT_TOL):
-        reasons.append(f"drift interval [{drift['low']:+.3f}, {drift['high']:+.3f}] not within +-{DRIFT_TOL}")
-    for w, r in regret.items():
-        if not r["ok"]:
-            reasons.append(f"width {w}: regret {r['regret']:.4f} > {REGRET_FRACTION:.3g} x gain {r['gain']:.4f}")
-    missing = _incomplete(curves, per_seed)
-    learned = _learned(rows, {w: fits[w]["loss_star"] for w in widths})
-    unlearned = learned is not None and not learned["ok"]
-    if unlearned:
-        missing.insert(0, _unlearned_reason(learned))
-    # A FAIL backed by intervals stands on an unbracketed optimum (the grid's edge only hides a larger drift
-    # in its direction); a PASS needs intervals (>= MIN_SEEDS seeds), >= 3 points per curve, bracketed optima.
-    enough_seeds = len(usable) >= 2 and all(len(curves[w]) >= MIN_SEEDS for w in widths)
-    if not complete:
-        missing.append("no seed has run the whole width x LR grid yet")
-        enough_seeds = False
-    verdict = "FAIL" if reasons and enough_seeds else ("INCOMPLETE" if missing or reasons else "PASS")
-    if unlearned:  # neither a PASS nor a FAIL on models that did not learn
-        verdict, reasons = "INCOMPLETE", []
-    if verdict == "INCOMPLETE" and not reasons and missing:
-        reasons = missing
-    elif verdict == "FAIL":
-        reasons += [f"(also: {m})" for m in missing]
-    return {"verdict": verdict, "reasons": reasons, "widths": widths,
-            "seeds": sorted({s for w in widths for s in curves[w]}) if complete else [], "base_width": base,
-            "in_progress": {str(s): {"runs": n, "grid": m} for s, (n, m) in partial.items()},
+
+def curves(rows: list[dict], ceiling: float | None) -> tuple[dict, list[dict]]:
+    """({width: {seed: (xs, ys)}} with xs = log2 LR sorted and ys NaN where a run diverged, the excluded runs).
+    Diverged: a non-finite loss, or a loss at or above `ceiling` (the unigram entropy) when it is known."""
+    acc = defaultdict(lambda: defaultdict(dict))
+    excluded = []
+    for r in rows:
+        loss = r["final_val_loss"]
+        rule = ("non-finite loss" if not math.isfinite(loss) else
+                f"loss {loss:.4f} >= unigram entropy {ceiling:.4f}" if ceiling is not None and loss >= ceiling else "")
+        if rule:
+            excluded.append({"width": r["width"], "lr": r["lr"], "seed": r["seed"], "rule": rule})
+            loss = math.nan
+        acc[r["width"]][r["seed"]][math.log2(r["lr"])] = loss
+    out = {}
+    for w, seeds in acc.items():
+        out[w] = {}
+        for s, pts in seeds.items():
+            xs = np.array(sorted(pts))
+            out[w][s] = (xs, np.array([pts[x] for x in xs], float))
+    return out, excluded
+
+
+def mean_curve(per_seed: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The seed-mean curve of one width (a grid point where any seed diverged is left out: NaN)."""
+    grid = sorted({x for xs, _ in per_seed.values() for x in xs})
+    ys = [np.mean([ys_[list(xs_).index(x)] if x in xs_ else math.nan for xs_, ys_ in per_seed.values()])
+          for x in grid]
+    return np.array(grid), np.array(ys, float)
+
+
+# ---------------------------------------------------------------------------------------------
+# One estimator's view of one key
+
+
+def judge_estimator(name: str, curve_set: dict, widths: list[int], seeds: list[int], base: int) -> dict:
+    """eta* per width, drift, regret and "wider is better" under estimator `name`, and its verdict."""
+    fits = {w: {s: estimate(name, *curve_set[w][s]) for s in seeds} for w in widths}
+    eta = {w: _eta_summary(fits[w]) for w in widths}
+    drift = _drift(fits, widths, seeds)
+    x_base = eta[base]["log2_mean"]
+    regret = {w: _regret(curve_set[w], seeds, x_base, eta[w]["log2_mean"]) for w in widths if w != base}
+    wider = _wider(curve_set, widths, seeds, x_base)
+    blocked = [f"width {w}: eta* {flag} in {n} seed(s)" for w in widths
+               for flag, n in eta[w]["flags"].items() if flag in BLOCKING_FLAGS and n]
+    failed = []
+    if not (-DRIFT_TOL <= drift["low"] and drift["high"] <= DRIFT_TOL):  # NaN bounds: not shown either
+        failed.append(f"drift interval [{drift['low']:+.3f}, {drift['high']:+.3f}] not within +-{DRIFT_TOL}")
+    failed += [f"width {w}: regret {r['mean']:.4f} [{r['low']:.4f}, {r['high']:.4f}] nats, above {REGRET_TOL}"
+               for w, r in regret.items() if not r["ok"]]
+    failed += [f"width {p['to']} ends higher than width {p['from']} at the transferred LR: {p['mean']:+.4f} "
+               f"[{p['low']:+.4f}, {p['high']:+.4f}]" for p in wider if not p["ok"]]
+    if len(seeds) < MIN_SEEDS:
+        blocked.insert(0, f"{len(seeds)} complete seed(s), a verdict needs >= {MIN_SEEDS}")
+    verdict = ("FAIL" if failed and len(seeds) >= MIN_SEEDS else "INCOMPLETE" if blocked or failed else "PASS")
+    return {"verdict": verdict, "reasons": failed if verdict == "FAIL" else blocked + failed,
             "eta_star": {str(w): eta[w] for w in widths}, "drift": drift,
             "regret": {str(w): r for w, r in regret.items()}, "wider_is_better": wider,
-            "best_loss": {str(w): fits[w]["loss_star"] for w in widths}, "learned": learned,
-            "thresholds": {"drift_tol": DRIFT_TOL, "regret_fraction": REGRET_FRACTION, "fit_points": FIT_POINTS,
-                           "bootstrap": BOOTSTRAP, "interval_percentiles": list(INTERVAL),
-                           "learned_fraction": LEARNED_FRACTION}}
+            "fits": {str(w): {str(s): fits[w][s]._asdict() for s in seeds} for w in widths}}
 
 
-def _regret_and_wider(curves: dict, widths: list[int], base: int, x_base: float) -> tuple[dict, dict, list]:
-    """On the seed-mean curve of each width: its fit, the regret of the base width's optimum x_base (log2 LR)
-    against the gain over the base width, and "wider is better" at every grid LR within 2x of x_base."""
-    mean_curve = {}
-    for w in widths:
-        grid = sorted({x for xs, _ in curves[w].values() for x in xs})
-        ys = [np.mean([ys_[list(xs_).index(x)] for xs_, ys_ in curves[w].values() if x in xs_]) for x in grid]
-        mean_curve[w] = (np.array(grid), np.array(ys, float))
-    fits = {w: optimum(*mean_curve[w]) for w in widths}
-    regret = {}
-    for w in widths:
-        if w == base:
-            continue
-        at_base = loss_at(*mean_curve[w], fits[w], x_base) if math.isfinite(x_base) else math.inf
-        own = fits[w]["loss_star"]
-        gain = fits[base]["loss_star"] - own
-        r = max(at_base - own, 0.0)
-        regret[w] = {"regret": r, "gain": gain, "limit": REGRET_FRACTION * gain,
-                     "ok": bool(r <= REGRET_FRACTION * gain)}
-    wider = []
-    for x in mean_curve[base][0]:
-        if not math.isfinite(x_base) or abs(x - x_base) > 1.0 + 1e-9:
-            continue
-        losses = [float(mean_curve[w][1][list(mean_curve[w][0]).index(x)]) if x in mean_curve[w][0] else math.nan
-                  for w in widths]
-        wider.append({"lr": 2.0 ** x, "losses": losses,
-                      "ok": bool(all(b < a for a, b in zip(losses, losses[1:])))})
-    return fits, regret, wider
-
-
-def _learned(rows: list[dict], best_loss: dict) -> dict | None:
-    """Did every width learn more than token frequencies? None when the runs do not report a unigram entropy."""
-    entropies = [r["unigram_entropy"] for r in rows if isinstance(r.get("unigram_entropy"), float)]
-    if not entropies:
-        return None
-    entropy = float(np.mean(entropies))  # one validation set: the same number in every run
-    limit = LEARNED_FRACTION * entropy
-    not_below = {str(w): loss for w, loss in best_loss.items() if not loss < limit}
-    return {"unigram_entropy": entropy, "fraction": LEARNED_FRACTION, "limit": limit,
-            "ok": not not_below, "not_below": not_below}
-
-
-def _unlearned_reason(learned: dict) -> str:
-    return ("the models have not learned beyond token frequencies: best loss "
-            + ", ".join(f"{loss:.3f} (w{w})" for w, loss in learned["not_below"].items())
-            + f" not below {LEARNED_FRACTION:g} x unigram entropy {learned['unigram_entropy']:.3f}"
-            f" = {learned['limit']:.3f}; train longer")
-
-
-def _incomplete(curves: dict, per_seed: dict) -> list[str]:
-    """Why a sweep cannot certify a PASS yet: too few seeds, too few LR points, or an unbracketed optimum."""
-    out = []
-    for w in sorted(curves):
-        seeds = len(curves[w])
-        if seeds < MIN_SEEDS:
-            out.append(f"width {w}: {seeds} seed(s), an interval needs >= {MIN_SEEDS}")
-        points = min(int(np.isfinite(ys).sum()) for _, ys in curves[w].values())
-        if points < 3:
-            out.append(f"width {w}: {points} finite LR point(s) in some seed, a fit needs >= 3")
-        elif any(f["edge"] for f in per_seed[w].values()):
-            out.append(f"width {w}: the best LR is on the grid's edge in some seed (widen the grid)")
-    if len(curves) < 2:
-        out.append("fewer than 2 widths")
+def _eta_summary(fits: dict) -> dict:
+    """Mean log2 eta* over seeds with its t-interval, in LR too, and how many seeds carry each flag."""
+    iv = t_interval([f.x for f in fits.values()])
+    flags = {flag: sum(f.flag == flag for f in fits.values()) for flag in ("edge", "few", "none", "clipped",
+                                                                          "concave")}
+    out = {"log2_mean": iv["mean"], "log2_low": iv["low"], "log2_high": iv["high"], "seeds": iv["n"],
+           "flags": {k: n for k, n in flags.items() if n}}
+    for k in ("mean", "low", "high"):
+        out[k] = 2.0 ** out[f"log2_{k}"] if math.isfinite(out[f"log2_{k}"]) else math.nan
     return out
 
 
+def _drift(fits: dict, widths: list[int], seeds: list[int]) -> dict:
+    """Per seed the slope of log2 eta* on log2 width; their mean with a t-interval. A seed without a finite
+    eta* at some width has no slope (left out, counted in `seeds`)."""
+    log_w = np.log2(np.array(widths, float))
+    per_seed = {}
+    for s in seeds:
+        xs = np.array([fits[w][s].x for w in widths])
+        if len(widths) >= 2 and np.isfinite(xs).all():
+            per_seed[str(s)] = float(np.polyfit(log_w, xs, 1)[0])
+    iv = t_interval(per_seed.values())
+    return {"slope": iv["mean"], "low": iv["low"], "high": iv["high"], "seeds": iv["n"], "per_seed": per_seed}
+
+
+def _regret(per_seed: dict, seeds: list[int], x_base: float, x_own: float) -> dict:
+    """On each seed's curve: loss at the base width's eta* minus loss at this width's own; t-interval; ok unless
+    the interval's lower end is above REGRET_TOL (a regret shown too large)."""
+    iv = t_interval([_difference(loss_at(*per_seed[s], x_base), loss_at(*per_seed[s], x_own)) for s in seeds])
+    return {**iv, "limit": REGRET_TOL, "ok": bool(iv["low"] <= REGRET_TOL)}
+
+
+def _wider(curve_set: dict, widths: list[int], seeds: list[int], x_base: float) -> list[dict]:
+    """Each step to the next wider width at the base width's eta*: per-seed loss difference (wider - narrower),
+    mean and t-interval; ok unless the interval lies above 0 (wider shown worse); `shown` when it lies below."""
+    out = []
+    for narrow, wide in zip(widths, widths[1:]):
+        iv = t_interval([_difference(loss_at(*curve_set[wide][s], x_base), loss_at(*curve_set[narrow][s], x_base))
+                         for s in seeds])
+        out.append({"from": narrow, "to": wide, "lr": 2.0 ** x_base if math.isfinite(x_base) else math.nan,
+                    **iv, "ok": not iv["low"] > 0, "shown": bool(iv["high"] < 0)})
+    return out
+
+
+def _difference(a: float, b: float) -> float:
+    """a - b, where an unknown loss (inf: outside the measured LRs) on either side makes it inf, never NaN."""
+    return a - b if math.isfinite(a) and math.isfinite(b) else math.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# One key
+
+
+def analyse(rows: list[dict], base_width: int | None = None) -> dict:
+    """The verdict of one parametrisation x swept LR (rows of one key). See the module docstring."""
+    complete, partial = split_partial_seeds(rows)
+    judged = complete or rows  # no seed complete yet: judge what there is, but never PASS or FAIL on it
+    ceiling = _reference(judged, "unigram_entropy")
+    curve_set, excluded = curves(judged, ceiling)
+    widths = sorted(curve_set)
+    seeds = sorted({s for w in widths for s in curve_set[w]})
+    gates = []
+    base = base_width
+    if base is None:
+        base = widths[0]
+    elif base not in curve_set:
+        gates.append(f"the base width {base} has no runs in this key (widths {widths})")
+        base = widths[0]
+    if len(widths) < 2:
+        gates.append("fewer than 2 widths")
+    if not complete:
+        gates.append("no seed has run the whole width x LR grid yet")
+    per_est = {name: judge_estimator(name, curve_set, widths, seeds, base) for name in ESTIMATORS}
+    best = {w: _best_loss(curve_set[w]) for w in widths}
+    learned = _learned(judged, best)
+    if not learned["ok"]:
+        gates.insert(0, learned["reason"])
+    verdict, reasons = _combine(per_est, gates)
+    ref = per_est[REFERENCE_ESTIMATOR]
+    return {"verdict": verdict, "reasons": reasons, "widths": widths, "seeds": seeds if complete else [],
+            "base_width": base, "base_width_given": base_width is not None,
+            "in_progress": {str(s): {"runs": n, "grid": m} for s, (n, m) in partial.items()},
+            "excluded": excluded, "unigram_entropy": ceiling, "learned": learned,
+            "best_loss": {str(w): best[w] for w in widths},
+            "estimators": per_est, "reference_estimator": REFERENCE_ESTIMATOR,
+            "eta_star": ref["eta_star"], "drift": ref["drift"],
+            "drift_by_estimator": {n: per_est[n]["drift"] for n in ESTIMATORS},
+            "thresholds": thresholds()}
+
+
+def thresholds() -> dict:
+    return {"drift_tol": DRIFT_TOL, "regret_tol_nats": REGRET_TOL, "confidence": CONFIDENCE,
+            "interval": "Student-t over per-seed values, seeds - 1 degrees of freedom", "min_seeds": MIN_SEEDS,
+            "estimators": list(ESTIMATORS), "learned_gate": "best loss below the bigram cross-entropy"}
+
+
+def _combine(per_est: dict, gates: list[str]) -> tuple[str, list[str]]:
+    """The key's verdict from its estimators' and its own gates (see the module docstring)."""
+    verdicts = {n: v["verdict"] for n, v in per_est.items()}
+    if gates:
+        return "INCOMPLETE", gates
+    if len(set(verdicts.values())) == 1:
+        (verdict,) = set(verdicts.values())
+        return verdict, [f"{n}: {r}" for n, v in per_est.items() for r in v["reasons"]]
+    split = ", ".join(f"{n} {v}" for n, v in verdicts.items())
+    return "INCOMPLETE", [f"the estimators disagree ({split})"] + \
+        [f"{n}: {r}" for n, v in per_est.items() if v["verdict"] != "PASS" for r in v["reasons"]]
+
+
+def _best_loss(per_seed: dict) -> float:
+    """The lowest loss of the seed-mean curve (its spline's minimum; the best grid point at an edge)."""
+    return spline_minimum(*mean_curve(per_seed)).loss
+
+
+def _learned(rows: list[dict], best_loss: dict) -> dict:
+    """Did every width learn more than pairs of tokens? Never silently off: no bigram reference -> not ok."""
+    bigram = _reference(rows, "bigram_xent")
+    if bigram is None:
+        return {"ok": False, "bigram_xent": None, "not_below": {},
+                "reason": "no bigram reference (bigram_xent) in the rows: collect from the run folders, which "
+                          "computes it from the runs' data (core/baselines.py), or add the column to sweep.csv"}
+    not_below = {str(w): loss for w, loss in best_loss.items() if not loss < bigram}
+    reason = ("the models have not learned beyond token pairs: best loss "
+              + ", ".join(f"{loss:.3f} (w{w})" for w, loss in not_below.items())
+              + f" not below the bigram cross-entropy {bigram:.3f}; train longer") if not_below else ""
+    return {"ok": not not_below, "bigram_xent": bigram, "not_below": not_below, "reason": reason}
+
+
+# ---------------------------------------------------------------------------------------------
+# All keys, and muP against SP
+
+
 def verdicts(rows: list[dict], base_width: int | None = None) -> dict:
-    """{"<param>/<swept>": analyse(...)} over the finished (or diverged) runs of a sweep."""
+    """{"<param>/<swept>": analyse(...)} over the finished (or diverged) runs of a sweep; each muP key that has
+    an SP twin also gets `vs_SP` (head_to_head)."""
     groups = defaultdict(list)
     for r in rows:
         if r.get("status", "done") != "failed":
             groups[f"{r['parametrisation']}/{r['swept']}"].append(r)
-    return {key: analyse(groups[key], base_width) for key in sorted(groups, key=_reading_order)}
+    result = {key: analyse(groups[key], base_width) for key in sorted(groups, key=_reading_order)}
+    for key in result:
+        param, swept = key.rsplit("/", 1)
+        if param == "muP" and f"SP/{swept}" in result:
+            result[key]["vs_SP"] = head_to_head(groups[key], groups[f"SP/{swept}"], result[key],
+                                                result[f"SP/{swept}"])
+    return result
+
+
+def head_to_head(mup_rows: list[dict], sp_rows: list[dict], mup: dict, sp: dict) -> dict:
+    """muP against SP on one swept LR, per estimator, paired by seed: the drift difference, and at every width
+    the loss at the base width's eta* and at the width's own eta* under each, with their differences."""
+    seeds = sorted(set(mup["seeds"]) & set(sp["seeds"]))
+    c_mup = curves(split_partial_seeds(mup_rows)[0], mup["unigram_entropy"])[0]
+    c_sp = curves(split_partial_seeds(sp_rows)[0], sp["unigram_entropy"])[0]
+    widths = [w for w in mup["widths"] if w in sp["widths"]]
+    out = {"seeds": seeds, "estimators": {}}
+    for name in ESTIMATORS:
+        em, es = mup["estimators"][name], sp["estimators"][name]
+        d_m, d_s = em["drift"]["per_seed"], es["drift"]["per_seed"]
+        diff = t_interval([d_m[str(s)] - d_s[str(s)] for s in seeds if str(s) in d_m and str(s) in d_s])
+        table = {}
+        for w in widths:
+            at = {}
+            for label, cs, e, x_key in (("muP_at_base", c_mup, em, mup["base_width"]),
+                                        ("SP_at_base", c_sp, es, sp["base_width"]),
+                                        ("muP_tuned", c_mup, em, w), ("SP_tuned", c_sp, es, w)):
+                x = e["eta_star"][str(x_key)]["log2_mean"]
+                at[label] = [loss_at(*cs[w][s], x) for s in seeds]
+            table[str(w)] = {k: t_interval(v) for k, v in at.items()}
+            for a, b in (("muP_at_base", "SP_tuned"), ("muP_at_base", "SP_at_base"), ("muP_tuned", "SP_tuned")):
+                table[str(w)][f"{a}_minus_{b}"] = t_interval([_difference(u, v) for u, v in zip(at[a], at[b])])
+        out["estimators"][name] = {"drift_diff": diff, "widths": table}
+    return out
 
 
 def _reading_order(key: str) -> tuple:
     """muP first, then SP, then the mistakes; Adam before Muon: the order of the figure's panels and the tables."""
     param, swept = key.rsplit("/", 1)
     return {"muP": 0, "SP": 1}.get(param, 2), swept, param
-
-
-# ---------------------------------------------------------------------------------------------
-# Report and figures
-
-
-def report(result: dict) -> str:
-    lines = [f"transfer verdict: PASS when the drift interval lies within +-{DRIFT_TOL} (log2 eta* per log2 width) "
-             f"and no width's regret exceeds {REGRET_FRACTION:.3g} of its gain over the base width; "
-             f"intervals: {INTERVAL[1] - INTERVAL[0]:g}% bootstrap over seeds ({BOOTSTRAP} resamples)"]
-    for key, v in result.items():
-        d = v["drift"]
-        lines.append(f"\n{key}: {v['verdict']}  drift {d['slope']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]  "
-                     f"seeds {v['seeds']}")
-        for w in v["widths"]:
-            e = v["eta_star"][str(w)]
-            if not e["seeds"]:
-                lines.append(f"  width {w:>5}: no finite optimum")
-                continue
-            reg = v["regret"].get(str(w))
-            extra = (f"  regret {reg['regret']:.4f} (limit {reg['limit']:.4f} = {REGRET_FRACTION:.3g} x gain "
-                     f"{reg['gain']:+.4f}) {'ok' if reg['ok'] else 'TOO HIGH'}") if reg else "  (base)"
-            lines.append(f"  width {w:>5}: eta* {e['mean']:.4g} [{e['low']:.4g}, {e['high']:.4g}]"
-                         f"{' (at the grid edge)' if e.get('edge') else ''}  best loss {v['best_loss'][str(w)]:.4f}"
-                         + extra)
-        if v.get("learned"):
-            lines.append(f"  learned: best loss below {LEARNED_FRACTION:g} x unigram entropy "
-                         f"({v['learned']['limit']:.3f}) at every width: {'yes' if v['learned']['ok'] else 'NO'}")
-        worse = [f"{p['lr']:.3g}" for p in v["wider_is_better"] if not p["ok"]]
-        lines.append(f"  wider is better at every LR within 2x of the base optimum: "
-                     + ("yes" if not worse else f"no (not at LR {', '.join(worse)})"))
-        for reason in v["reasons"]:
-            lines.append(f"  {'FAIL' if v['verdict'] == 'FAIL' else 'not yet'}: {reason}")
-        for s, p in v.get("in_progress", {}).items():
-            lines.append(f"  in progress: seed {s} has {p['runs']} of {p['grid']} runs, left out until complete")
-    return "\n".join(lines)
-
-
-def markdown(result: dict) -> str:
-    """The verdicts as one Markdown table (verdict.md, quoted by the README): a row per key, eta* per width
-    with its interval, the drift with its interval, and the worst regret against its limit."""
-    widths = sorted({w for v in result.values() for w in v["widths"]})
-    head = ["key", "verdict", "seeds", "drift [95%]"] + [f"eta* w{w} [95%]" for w in widths] \
-        + ["worst regret / limit"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, v in result.items():
-        d = v["drift"]
-        running = "".join(f" (+{s}: {p['runs']}/{p['grid']} runs)" for s, p in v.get("in_progress", {}).items())
-        cells = [f"`{key}`", f"**{v['verdict']}**", ", ".join(map(str, v["seeds"])) + running,
-                 f"{d['slope']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"]
-        for w in widths:
-            e = v["eta_star"].get(str(w))
-            cells.append(f"{e['mean']:.4f} [{e['low']:.4f}, {e['high']:.4f}]" if e and e["seeds"] else "-")
-        worst = max(v["regret"].items(), key=lambda kv: kv[1]["regret"] - kv[1]["limit"], default=None)
-        cells.append(f"{worst[1]['regret']:.3f} / {worst[1]['limit']:.3f} (w{worst[0]})" if worst else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nPASS: drift interval within +-{DRIFT_TOL} and every width's regret <= {REGRET_FRACTION:.3g} "
-                 f"of its gain over the base width; {INTERVAL[1] - INTERVAL[0]:g}% bootstrap intervals over seeds; "
-                 f"INCOMPLETE: fewer than {MIN_SEEDS} seeds, too few LR points, an optimum on the grid's edge, or a "
-                 f"width whose best loss is not below {LEARNED_FRACTION:g} x the unigram entropy; "
-                 f"(+S: n/m runs): seed S is still running its grid and is left out until complete.")
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(rows: list[dict], result: dict, path: Path) -> Path:
-    """One panel per key: seed-mean loss vs LR, one curve per width (bars: min-max over seeds; star: eta*)."""
-    import matplotlib  # here, not at the top: only the figures need it, and matplotlib is slow to import
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = list(result)
-    cols = min(2, len(keys))
-    nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(6.0 * cols, 4.0 * nrows), squeeze=False)
-    cmap = plt.get_cmap("plasma")
-    for k, key in enumerate(keys):
-        ax = axes[k // cols][k % cols]
-        param, swept = key.rsplit("/", 1)
-        v = result[key]
-        curves = _curves([r for r in rows if r["parametrisation"] == param and r["swept"] == swept
-                          and r.get("status", "done") != "failed"])
-        for i, w in enumerate(v["widths"]):
-            color = cmap(i / max(len(v["widths"]) - 1, 1) * 0.85)
-            grid = sorted({x for xs, _ in curves[w].values() for x in xs})
-            per_x = [[ys[list(xs).index(x)] for xs, ys in curves[w].values() if x in xs] for x in grid]
-            mean = np.array([np.mean(p) for p in per_x])
-            lo = np.array([np.min(p) for p in per_x])
-            hi = np.array([np.max(p) for p in per_x])
-            lrs = 2.0 ** np.array(grid)
-            ax.errorbar(lrs, mean, yerr=[mean - lo, hi - mean], marker="o", ms=3, capsize=2, color=color,
-                        label=f"width {w}")
-            e = v["eta_star"][str(w)]
-            if e["seeds"]:
-                ax.axvline(e["mean"], color=color, lw=0.8, ls=":")
-                ax.plot([e["mean"]], [v["best_loss"][str(w)]], marker="*", ms=12, color=color, markeredgecolor="k")
-        ax.set_xscale("log", base=2)
-        finite = [r["final_val_loss"] for r in rows if math.isfinite(r["final_val_loss"])]
-        if finite:
-            lo_y = min(finite)
-            ax.set_ylim(lo_y - 0.02, lo_y + 4 * (np.median(finite) - lo_y) + 0.05)
-        d = v["drift"]
-        ax.set_title(f"{key}: {v['verdict']} (drift {d['slope']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}])",
-                     fontsize=9)
-        ax.set_xlabel(f"{swept} learning rate" if swept != "lr" else "LR multiplier")
-        ax.set_ylabel("final validation loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for k in range(len(keys), nrows * cols):
-        axes[k // cols][k % cols].axis("off")
-    fig.suptitle("Width x LR sweep: loss vs LR per width (seed mean, min-max bars; star and dotted line: eta*)",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_drift(result: dict, path: Path) -> Path:
-    """log2 eta* (relative to the base width's) against width, one line per key, with the +-DRIFT_TOL band."""
-    import matplotlib  # here, not at the top: only the figures need it, and matplotlib is slow to import
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    swepts = sorted({k.rsplit("/", 1)[1] for k in result})
-    fig, axes = plt.subplots(1, len(swepts), figsize=(5.5 * len(swepts), 4.0), squeeze=False)
-    for j, swept in enumerate(swepts):
-        ax = axes[0][j]
-        for key, v in result.items():
-            if key.rsplit("/", 1)[1] != swept:
-                continue
-            ws = [w for w in v["widths"] if v["eta_star"][str(w)]["seeds"]]
-            if not ws:
-                continue
-            ref = v["eta_star"][str(v["base_width"])]["log2_mean"] if str(v["base_width"]) in v["eta_star"] else 0
-            ys = np.array([v["eta_star"][str(w)]["log2_mean"] for w in ws]) - ref
-            lo = ys - (np.array([v["eta_star"][str(w)]["log2_low"] for w in ws]) - ref)
-            hi = (np.array([v["eta_star"][str(w)]["log2_high"] for w in ws]) - ref) - ys
-            d = v["drift"]
-            ax.errorbar(ws, ys, yerr=[lo, hi], marker="o", capsize=3,
-                        label=f"{key.rsplit('/', 1)[0]}: {d['slope']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] "
-                              f"{v['verdict']}")
-        w0 = min(min(v["widths"]) for v in result.values())
-        w1 = max(max(v["widths"]) for v in result.values())
-        xs = np.array([w0, w1], float)
-        for sign in (1, -1):
-            ax.plot(xs, sign * DRIFT_TOL * np.log2(xs / w0), color="grey", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("width")
-        ax.set_ylabel("log2(eta*) - log2(eta* at base)")
-        ax.set_title(f"{swept} LR: optimum vs width (dashed: slope +-{DRIFT_TOL})", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# W&B
-
-
-def log_to_wandb(sweep_dir: Path, result: dict, figures: list[Path], required: bool = False) -> None:
-    """The figures, the eta* table and the verdicts, as one summary run in the sweep's W&B group."""
-    rows = [[key, w, v["eta_star"][str(w)].get("mean"), v["eta_star"][str(w)].get("low"),
-             v["eta_star"][str(w)].get("high"), v["eta_star"][str(w)]["seeds"], v["verdict"], v["drift"]["slope"]]
-            for key, v in result.items() for w in v["widths"]]
-    summary = {f"verdict/{key}": v["verdict"] for key, v in result.items()}
-    summary.update({f"drift/{key}": v["drift"]["slope"] for key, v in result.items()})
-    log_summary_run(project="speedrun-mup-group", group=sweep_dir.name, name=f"{sweep_dir.name}-transfer-verdict",
-                    images={f"transfer/{p.stem}": p for p in figures},
-                    tables={"transfer/eta_star": (["key", "width", "eta_star", "low", "high", "seeds", "verdict",
-                                                   "drift"], rows)},
-                    summary=summary, required=required)

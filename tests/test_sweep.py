@@ -84,7 +84,8 @@ def test_runner_runs_in_parallel_records_failures_and_resumes(tmp_path, monkeypa
 def fake_run(root: Path, name: str, *, width: int, mup: bool, adam_lr: float, loss: float, seed: int = 1):
     run = root / name
     run.mkdir(parents=True)
-    cfg = {"width": width, "mup": mup, "adam_lr": adam_lr, "muon_lr": sweep.DEFAULT_LR["muon"], "seed": seed}
+    cfg = {"width": width, "mup": mup, "adam_lr": adam_lr, "muon_lr": sweep.DEFAULT_LR["muon"], "seed": seed,
+           "data": "embedded", "val_tokens": 32768, "val_seq_len": 256}  # GPT-2 tokens: bigram 4.43 > these losses
     (run / "config.json").write_text(json.dumps(cfg))
     lines = [format_step_line(0, 10, val_loss=11.0, train_time_ms=0, step_avg_ms=0),
              format_step_line(10, 10, val_loss=loss, train_time_ms=100, step_avg_ms=10)]
@@ -96,7 +97,7 @@ def fake_run(root: Path, name: str, *, width: int, mup: bool, adam_lr: float, lo
 def test_collect_writes_csv_verdict_and_figures(tmp_path, capsys):
     # muP: optimum at x2 at every width; SP: the optimum falls by a factor 2 per doubling of width
     mults = [0.125, 0.25, 0.5, 1, 2, 4, 8]
-    for seed in (1, 2):
+    for seed in (1, 2, 3):
         for mult in mults:
             lr = sweep.DEFAULT_LR["adam"] * mult
             for w in (32, 64, 128):
@@ -109,9 +110,12 @@ def test_collect_writes_csv_verdict_and_figures(tmp_path, capsys):
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "config.json").write_text(json.dumps({"width": 64, "mup": True}))
     assert sweep.main(["collect", str(tmp_path), "--base-width", "32", "--use-wandb", "false"]) == 0
-    assert (tmp_path / "sweep.csv").read_text().count("\n") == 1 + 2 * 7 * 3 * 2
-    assert "84 timed, 0.84 h summed" in capsys.readouterr().out  # 84 runs x 36 s: what the sweep cost
-    assert sweep.read_csv(tmp_path / "sweep.csv")[0]["run_s"] == 36.0
+    assert (tmp_path / "sweep.csv").read_text().count("\n") == 1 + 3 * 7 * 3 * 2
+    out = capsys.readouterr().out
+    assert "126 timed, 1.26 h summed" in out  # 126 runs x 36 s: what the sweep cost, and per key
+    assert "muP/adam" in out and "63 runs    0.63 h" in out
+    row = sweep.read_csv(tmp_path / "sweep.csv")[0]
+    assert row["run_s"] == 36.0 and row["bigram_xent"] == pytest.approx(4.426, abs=0.01)  # core/baselines.py
     verdict = json.loads((tmp_path / "verdict.json").read_text())
     assert verdict["muP/adam"]["verdict"] == "PASS" and verdict["SP/adam"]["verdict"] == "FAIL"
     assert verdict["SP/adam"]["drift"]["slope"] == pytest.approx(-1.0, abs=0.05)
@@ -121,9 +125,10 @@ def test_collect_writes_csv_verdict_and_figures(tmp_path, capsys):
     assert "**PASS**" in mup_row and "| 0.016" in mup_row  # eta* at x2 of the default 0.008, width 32 first
     sp_row = next(line for line in table if line.startswith("| `SP/adam`"))
     assert "**FAIL**" in sp_row and "| -1.00 [" in sp_row  # the drift column
-    for png in ("transfer.png", "drift.png"):
+    for png in ("transfer.png", "drift.png", "head_to_head.png"):
         assert (tmp_path / png).stat().st_size > 10_000
-    assert verdict["muP/adam"]["learned"]["limit"] == pytest.approx(3.75)  # 0.75 x the runs' unigram entropy
+    assert verdict["muP/adam"]["learned"]["ok"] and verdict["muP/adam"]["learned"]["bigram_xent"] > 4.4
+    assert "**muP vs SP, adam LR**" in (tmp_path / "verdict.md").read_text()
     # a second look without the base width: printed, nothing written over the sweep's own verdict
     written = (tmp_path / "verdict.json").read_text()
     assert sweep.main(["collect", str(tmp_path), "--widths", "64", "128", "--use-wandb", "false"]) == 0
