@@ -50,6 +50,9 @@ class TrainConfig:
     adam_lr: float = 0.008            # DistAdam base LR (embeddings x75, lm_head x27.5, scalars x5)
     muon_lr: float = 0.05             # Muon LR for hidden matrices
     lr_mult: float = 1.0              # global LR multiplier: scales every LR of both optimizers together (sweeps)
+    embed_lr_mult: float = 1.0        # experiments: x the Adam LR of the embedding and value embeddings only
+    head_lr_mult: float = 1.0         # experiments: x the Adam LR of the lm_head (readout) only
+    scalar_lr_mult: float = 1.0       # experiments: x the Adam LR of the scalars (skip weights, lambdas) only
     cooldown_frac: float = 0.45       # LR constant, then linear decay over this final fraction of training
     final_lr_frac: float = 0.05       # LR multiplier at the end of the cool-down (record: 0.05)
     muon_momentum_warmup: int = 300   # Muon momentum 0.85 -> 0.95 over this many steps
@@ -232,6 +235,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     need(0.0 <= cfg.cooldown_frac <= 1.0, f"--cooldown-frac must be in [0, 1], got {cfg.cooldown_frac}")
     need(cfg.adam_lr > 0 and cfg.muon_lr > 0, "--adam-lr and --muon-lr must be positive")
     need(cfg.lr_mult > 0 and math.isfinite(cfg.lr_mult), f"--lr-mult must be a positive number, got {cfg.lr_mult}")
+    for flag in ("embed_lr_mult", "head_lr_mult", "scalar_lr_mult"):
+        value = getattr(cfg, flag)
+        need(value > 0 and math.isfinite(value), f"--{flag.replace('_', '-')} must be a positive number, got {value}")
     if cfg.peak_tflops is not None:
         need(cfg.peak_tflops > 0, f"--peak-tflops must be positive, got {cfg.peak_tflops}")
     # checkpoints and failure handling

@@ -17,7 +17,7 @@ from core.config import TrainConfig
 from core.data import GPT2_VOCAB
 from core.distributed import DistInfo, all_reduce_mean
 from core.model import GPT, GPTConfig
-from core.optimizers import build_optimizers, set_muon_momentum
+from core.optimizers import DEFAULT_LR_MULS, build_optimizers, set_muon_momentum
 from core.schedule import lr_factor
 
 
@@ -50,8 +50,19 @@ def build_optimizer_pair(model: GPT, cfg: TrainConfig, rank: int = 0, world_size
     table = mup.apply_mup(model, cfg.base_width) if cfg.mup else None
     # --lr-mult scales every LR of both optimizers together (the swept quantity of a global-LR sweep)
     adam, muon = build_optimizers(model, model.param_kinds(), adam_lr=cfg.adam_lr * cfg.lr_mult,
-                                  muon_lr=cfg.muon_lr * cfg.lr_mult, rank=rank, world_size=world_size)
+                                  muon_lr=cfg.muon_lr * cfg.lr_mult, lr_muls=group_lr_muls(cfg), rank=rank,
+                                  world_size=world_size)
     return adam, muon, table
+
+
+def group_lr_muls(cfg: TrainConfig) -> dict[str, float] | None:
+    """The record's per-kind Adam LR multipliers times --embed/--head/--scalar-lr-mult (one group's LR alone, for
+    the per-group sweeps of the transfer lab); None when all three are 1 (the record's, bitwise)."""
+    mults = {"embed": cfg.embed_lr_mult, "value_embed": cfg.embed_lr_mult, "lm_head": cfg.head_lr_mult,
+             "scalar": cfg.scalar_lr_mult}
+    if all(m == 1.0 for m in mults.values()):
+        return None
+    return {kind: DEFAULT_LR_MULS[kind] * m for kind, m in mults.items()}
 
 
 def set_schedules(cfg: TrainConfig, optimizers, muon, step: int) -> float:

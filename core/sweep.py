@@ -12,7 +12,9 @@ seed), and `<run>.failed` for a run that exited with an error (its output is kep
 
 Parametrisations: `mup`, `sp`, and negative controls `mistake:<name>:<swept>` (muP with
 `--mup-mistake <name>`, swept only on `<swept>`; core/mup.py MUP_MISTAKES). Swept quantities: `adam`
-(the Adam LR, Muon at its default), `muon` (the Muon LR), `lr` (`--lr-mult`: both together).
+(the Adam LR, Muon at its default), `muon` (the Muon LR), `lr` (`--lr-mult`: both together), and one Adam
+group alone, the others at the record's: `adam-embed` (embeddings and value embeddings, `--embed-lr-mult`),
+`adam-head` (the readout, `--head-lr-mult`), `adam-scalar` (skip weights and lambdas, `--scalar-lr-mult`).
 
 Resuming: a run whose summary.json records `total_steps` is done and skipped; a run that was
 interrupted is started again with `--resume auto` (it continues from its checkpoint if it wrote one,
@@ -39,7 +41,10 @@ from core.config import ConfigError, TrainConfig, parse_args, resolve_defaults, 
 from core.logger import parse_step_line
 from core.mup import MUP_MISTAKES
 
-DEFAULT_LR = {"adam": TrainConfig.adam_lr, "muon": TrainConfig.muon_lr, "lr": 1.0}
+DEFAULT_LR = {"adam": TrainConfig.adam_lr, "muon": TrainConfig.muon_lr, "lr": 1.0,
+              "adam-embed": 1.0, "adam-head": 1.0, "adam-scalar": 1.0}  # the last three: one Adam group alone
+SWEPT_FLAG = {"adam": "--adam-lr", "muon": "--muon-lr", "lr": "--lr-mult", "adam-embed": "--embed-lr-mult",
+              "adam-head": "--head-lr-mult", "adam-scalar": "--scalar-lr-mult"}
 SWEPT = tuple(DEFAULT_LR)
 FIELDS = ["parametrisation", "swept", "width", "lr", "lr_mult", "seed", "final_val_loss", "steps", "status", "run",
           "run_s", "unigram_entropy", "bigram_xent", "code"]
@@ -79,8 +84,7 @@ class PlannedRun:
             args += ["--mup", "--base-width", str(base_width)]
         if self.param.startswith("mistake:"):
             args += ["--mup-mistake", self.param.split(":", 1)[1]]
-        flag = {"adam": "--adam-lr", "muon": "--muon-lr", "lr": "--lr-mult"}[self.swept]
-        return args + [flag, f"{self.lr:.6g}"]
+        return args + [SWEPT_FLAG[self.swept], f"{self.lr:.6g}"]
 
 
 def parse_param(spec: str) -> list[tuple[str, str | None]]:

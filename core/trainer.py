@@ -248,6 +248,10 @@ class Trainer:
             f"({'tensor cores' if cuda else 'bf16 would be emulated on a CPU'})")
         if cfg.lr_mult != 1.0:
             log(f"lr-mult {cfg.lr_mult:g}: Adam LR {cfg.adam_lr * cfg.lr_mult:g}, Muon LR {cfg.muon_lr * cfg.lr_mult:g}")
+        groups = {"embeddings": cfg.embed_lr_mult, "lm_head": cfg.head_lr_mult, "scalars": cfg.scalar_lr_mult}
+        if any(m != 1.0 for m in groups.values()):
+            log("Adam LR per group (x the record's multiplier): "
+                + ", ".join(f"{name} x{m:g}" for name, m in groups.items()))
         if self.fp8_warning:  # a GPU with FP8 tensor cores whose FP8 probe failed: say it where nobody can miss it
             log(self.fp8_warning)
             print(self.fp8_warning, file=sys.stderr, flush=True)

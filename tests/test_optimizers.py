@@ -380,3 +380,21 @@ def test_state_dict_round_trip_restores_the_trajectory():
     run(2, 1)
     for p, a in zip(model.parameters(), after):
         torch.testing.assert_close(p.detach(), a, rtol=0, atol=0)
+
+
+def test_one_adam_group_alone_gets_its_multiplier_and_the_record_is_bitwise_at_one():
+    """--embed/--head/--scalar-lr-mult scale one Adam group's LR (the per-group sweeps); at 1 nothing changes."""
+    from core.config import TrainConfig
+    from core.steps import build_model, build_optimizer_pair
+    cfg = TrainConfig(width=32, depth=2, head_dim=16, vocab_size=257, bos_id=256, seq_len=128, val_seq_len=128,
+                      iterations=2)
+    lrs = {}
+    for mults in ({}, {"head_lr_mult": 2.0}, {"embed_lr_mult": 0.5, "scalar_lr_mult": 4.0}):
+        c = TrainConfig(**{**cfg.__dict__, **mults})
+        adam, _, _ = build_optimizer_pair(build_model(c, torch.device("cpu"), "off"), c)
+        lrs[tuple(mults)] = {g["kind"]: g["lr"] * g["params"][0].lr_mul for g in adam.param_groups}
+    base, head, rest = lrs[()], lrs[("head_lr_mult",)], lrs[("embed_lr_mult", "scalar_lr_mult")]
+    assert base["embed"] == 0.008 * 75 and base["lm_head"] == 0.008 * 27.5 and base["scalar"] == 0.008 * 5
+    assert head["lm_head"] == 2 * base["lm_head"] and head["embed"] == base["embed"]
+    assert rest["embed"] == rest["value_embed"] == 0.5 * base["embed"] and rest["scalar"] == 4 * base["scalar"]
+    assert rest["lm_head"] == base["lm_head"]
