@@ -145,26 +145,32 @@ class Clock:
 class TimedMonitor(TrainingMonitor):
     """TrainingMonitor whose activation hooks also add their own run time to `hook_s`.
 
-    Wraps `_make_hook` (the monitor's hook factory): the hooks run inside the forward, so timing
-    them from outside would need a difference of two noisy forward times.
+    Wraps `_make_hook` and `_make_observer` (the monitor's hook factories; the readout reports its output
+    through an observer, core/model.py): the hooks run inside the forward, so timing them from outside
+    would need a difference of two noisy forward times.
     """
 
     hook_s = 0.0
 
-    def _make_hook(self, name):
-        hook = super()._make_hook(name)
+    def _timed(self, name, fn):
         if not hasattr(self, "hook_s_by_module"):
             self.hook_s_by_module: dict[str, list[float]] = {}
 
-        def timed(module, args, output):
+        def timed(*args):
             t = time.perf_counter()
             try:
-                return hook(module, args, output)
+                return fn(*args)
             finally:
                 dt = time.perf_counter() - t
                 self.hook_s += dt
                 self.hook_s_by_module.setdefault(name, []).append(dt)
         return timed
+
+    def _make_hook(self, name):
+        return self._timed(name, super()._make_hook(name))
+
+    def _make_observer(self, name):
+        return self._timed(name, super()._make_observer(name))
 
 
 def percentile_ci(diffs: list[float]) -> tuple[float, float]:

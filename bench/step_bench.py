@@ -6,6 +6,7 @@ compiled, for the training configurations of this machine.
     python bench/step_bench.py --config bytes --widths 64 128 256 512 --modes eager   # the muP lab's byte proxy
     python bench/step_bench.py --threads 1 --steps 3 --warmup 1
     python bench/step_bench.py --validation                      # also: one validation pass, eager vs compiled
+    python bench/step_bench.py --chunked-loss off on             # the record's readout vs core/chunked_loss.py
 
 Configurations: `default` is `train.py`'s CPU (or CUDA) default; `bytes` is the byte-vocabulary proxy
 (vocabulary 257, depth 4, head_dim 32, 4096 tokens/step in 512-token sequences) at each `--widths`.
@@ -15,6 +16,8 @@ at the mid-run attention window (training only: Muon's Newton-Schulz is shown ap
 and not counted in GFLOP/s). Each phase is timed with a device synchronisation around it (honest on
 CUDA too). The load average is printed at the start and the end: on a shared machine, compare rows of
 one table, and repeat a table whose load was high. README and METRICS_ANALYSIS quote this table.
+`--chunked-loss off on` runs every row with the record's unchunked readout + soft-cap + cross-entropy
+(`off`, the default) and with the chunked one (`on`, core/chunked_loss.py; validation too), column "loss".
 """
 from __future__ import annotations
 
@@ -114,7 +117,7 @@ def profile_step(run_one_step, top: int) -> list[tuple[float, str]]:
 
 
 def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int, validation: bool,
-          profile_top: int = 0) -> dict:
+          profile_top: int = 0, chunked: bool = False) -> dict:
     data = resolve_data(cfg.data_dir, data=cfg.data)
     resolve_vocab(cfg, data.vocab)
     model = build_model(cfg, device)
@@ -133,7 +136,7 @@ def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int, val
         batches = loader.next_step()
         sync(device)
         t1 = time.perf_counter()
-        forward_backward(run_model, batches, window, accum)
+        forward_backward(run_model, batches, window, accum, chunked=chunked)
         sync(device)
         t2 = time.perf_counter()
         set_schedules(cfg, [adam, muon], muon, step)
@@ -155,7 +158,7 @@ def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int, val
     step_t = [sum(x) for x in zip(*phases.values())]
     med = statistics.median(step_t)
     flops = step_flops(cfg, model, window)
-    row = {"mode": "compiled" if compiled else "eager", "step_s": med, "tokens_per_s": cfg.batch_tokens / med,
+    row = {"mode": "compiled" if compiled else "eager", "loss": "chunked" if chunked else "unchunked", "step_s": med, "tokens_per_s": cfg.batch_tokens / med,
            "gflops": flops / med / 1e9, "step_gflop": flops / 1e9, "warmup_s": warmup_s,
            "ns5_gflop": ns5_flops(muon) / 1e9,
            **{f"{k}_pct": 100 * statistics.median(v) / med for k, v in phases.items()}}
@@ -166,10 +169,10 @@ def bench(cfg: TrainConfig, device, compiled: bool, steps: int, warmup: int, val
         val_set = val_batches(data.val_files, cfg.val_seq_len, val_tokens, device=device, vocab=data.vocab)
         info = DistInfo(rank=0, local_rank=0, world_size=1, device=device, backend=None)
         t = time.perf_counter()
-        evaluate(run_model, val_set[:1], window, info)
+        evaluate(run_model, val_set[:1], window, info, chunked=chunked)
         row["val_first_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        evaluate(run_model, val_set, window, info)
+        evaluate(run_model, val_set, window, info, chunked=chunked)
         row["val_pass_s"] = time.perf_counter() - t
         row["val_tokens"] = val_tokens
     return row
@@ -185,6 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. the cores)")
     p.add_argument("--validation", action="store_true", help="also time one validation pass per row")
     p.add_argument("--device", default="auto")
+    p.add_argument("--chunked-loss", nargs="+", choices=["off", "on"], default=["off"],
+                   help="loss paths to run each row with: off (the record's readout), on (core/chunked_loss.py)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each row, profile one more step and print its N costliest ops/kernels (self CPU time)")
     a = p.parse_args(argv)
@@ -198,32 +203,32 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     t_all = time.perf_counter()
     peak = sgemm_peak(device)
-    header = ("| width | mode | step (ms) | tokens/s | GFLOP/step | GFLOP/s | % of sgemm peak | data | fwd+bwd | "
+    header = ("| width | mode | loss | step (ms) | tokens/s | GFLOP/step | GFLOP/s | % of sgemm peak | data | fwd+bwd | "
               "DistAdam | Muon | NS5 GFLOP/step | warm-up (s) |" + (" val pass (s) | first val call (s) |" if a.validation else ""))
     print(f"machine: {machine_name(device)} | torch {torch.__version__} | measured sgemm peak "
           f"{peak / 1e9:.0f} GFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'} 2048^3, this process, before the rows)")
     print(f"load average (1 min) at the start: {load_start[0]:.2f}")
     first = True
-    for w in widths:
-        for mode in a.modes:
-            cfg = make_config(a.config, w, device)
-            r = bench(cfg, device, mode == "compiled", a.steps, a.warmup, a.validation, a.profile)
-            if first:  # rows are printed as they finish, so a long table that is cut short keeps its rows
-                print(f"config {a.config}: depth {cfg.depth} head_dim {cfg.head_dim} seq_len {cfg.seq_len} batch "
-                      f"{cfg.batch_tokens} tokens vocab {cfg.vocab_size} | median of {a.steps} steps after "
-                      f"{a.warmup} warm-up")
-                print(header)
-                print("|---" * (13 + 2 * a.validation) + "|")
-                first = False
-            line = (f"| {cfg.width} | {r['mode']} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:.0f} | "
-                    f"{r['step_gflop']:.1f} | {r['gflops']:.1f} | {100 * r['gflops'] * 1e9 / peak:.1f}% | "
-                    f"{r['data_pct']:.2f}% | {r['fwd_bwd_pct']:.1f}% | {r['adam_pct']:.1f}% | {r['muon_pct']:.1f}% | "
-                    f"{r['ns5_gflop']:.1f} | {r['warmup_s']:.1f} |")
-            if a.validation:
-                line += f" {r['val_pass_s']:.1f} | {r['val_first_s']:.1f} |"
-            print(line, flush=True)
-            for share, name in r.get("profile", []):
-                print(f"    {100 * share:5.1f}%  {name[:110]}")
+    rows = [(w, mode, loss) for w in widths for mode in a.modes for loss in a.chunked_loss]
+    for w, mode, loss in rows:
+        cfg = make_config(a.config, w, device)
+        r = bench(cfg, device, mode == "compiled", a.steps, a.warmup, a.validation, a.profile, loss == "on")
+        if first:  # rows are printed as they finish, so a long table that is cut short keeps its rows
+            print(f"config {a.config}: depth {cfg.depth} head_dim {cfg.head_dim} seq_len {cfg.seq_len} batch "
+                  f"{cfg.batch_tokens} tokens vocab {cfg.vocab_size} | median of {a.steps} steps after "
+                  f"{a.warmup} warm-up")
+            print(header)
+            print("|---" * (14 + 2 * a.validation) + "|")
+            first = False
+        line = (f"| {cfg.width} | {r['mode']} | {r['loss']} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:.0f} | "
+                f"{r['step_gflop']:.1f} | {r['gflops']:.1f} | {100 * r['gflops'] * 1e9 / peak:.1f}% | "
+                f"{r['data_pct']:.2f}% | {r['fwd_bwd_pct']:.1f}% | {r['adam_pct']:.1f}% | {r['muon_pct']:.1f}% | "
+                f"{r['ns5_gflop']:.1f} | {r['warmup_s']:.1f} |")
+        if a.validation:
+            line += f" {r['val_pass_s']:.1f} | {r['val_first_s']:.1f} |"
+        print(line, flush=True)
+        for share, name in r.get("profile", []):
+            print(f"    {100 * share:5.1f}%  {name[:110]}")
     peak_end = sgemm_peak(device)
     load_end = os.getloadavg()
     print(f"sgemm peak again after the rows: {peak_end / 1e9:.0f} GFLOP/s | load average (1 min) at the end: "

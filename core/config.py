@@ -61,6 +61,9 @@ class TrainConfig:
     device: str = "auto"              # auto | cpu | cuda
     compile: str = "auto"             # auto | true | false; auto: CUDA always, CPU when the run pays back the compile time (core/compile.py)
     fp8: str = "auto"                 # auto | on | off; FP8 lm_head (auto: on for CUDA sm>=89)
+    # auto: coordinate-check / activation steps and validation in row chunks, compiled training the record's fused
+    # path (the chunked one is unmeasured on a GPU); on: everywhere; off: nowhere (core/chunked_loss.py)
+    chunked_loss: str = "auto"        # auto | on | off; readout + soft-cap + cross-entropy in row chunks, never the full fp32 logits
     seed: int = 1337                  # model init and data order are deterministic given the seed
     warmup_steps: int | None = None   # kernel warm-up steps whose state is discarded (CUDA 10, CPU 0)
     # --- logging and monitoring --------------------------------------------------------------
@@ -118,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help=help_text)
         elif f.name == "wandb_tags":
             p.add_argument(name, nargs="*", default=[], help=help_text)
-        elif f.name in ("device", "compile", "fp8", "nan_policy", "data", "mup_mistake"):
+        elif f.name in ("device", "compile", "fp8", "chunked_loss", "nan_policy", "data", "mup_mistake"):
             choices = {"device": ["auto", "cpu", "cuda"], "compile": ["auto", "true", "false"],
-                       "fp8": ["auto", "on", "off"], "nan_policy": ["abort", "skip"],
+                       "fp8": ["auto", "on", "off"], "chunked_loss": ["auto", "on", "off"], "nan_policy": ["abort", "skip"],
                        "data": list(BUILTIN_CORPORA), "mup_mistake": sorted(MUP_MISTAKES)}[f.name]
             p.add_argument(name, choices=choices, default=f.default, help=help_text)
         else:
@@ -240,6 +243,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         need(value > 0 and math.isfinite(value), f"--{flag.replace('_', '-')} must be a positive number, got {value}")
     if cfg.peak_tflops is not None:
         need(cfg.peak_tflops > 0, f"--peak-tflops must be positive, got {cfg.peak_tflops}")
+    need(cfg.chunked_loss in ("auto", "on", "off"), f"--chunked-loss must be auto, on or off, got {cfg.chunked_loss!r}")
     # checkpoints and failure handling
     need(cfg.save_every >= 0, f"--save-every must be >= 0 (0 = only on a stop signal), got {cfg.save_every}")
     need(cfg.keep_last >= 0, f"--keep-last must be >= 0 (0 = keep all), got {cfg.keep_last}")

@@ -54,6 +54,7 @@ from core.config import TrainConfig, resolve_defaults
 from core.data import BUILTIN_CORPORA, BatchLoader, resolve_data
 from core.logger import log_summary_run
 from core.model import sequence_len_ok
+from core.monitor import row_abs_means
 from core.mup import MUP_MISTAKES
 from core.optimizers import ORTHOGONALIZERS
 from core.steps import build_model, build_optimizer_pair, forward_backward, set_schedules
@@ -91,27 +92,52 @@ class CoordRecorder:
 
     @contextlib.contextmanager
     def recording(self, keep: bool = False):
-        """Record this forward's sizes; `keep` also keeps the outputs, for `delta_row` against another recorder."""
+        """Record this forward's sizes; `keep` also keeps the outputs, for `delta_row` against another recorder.
+
+        Sizes are reduced row chunk by row chunk (core/monitor.py `row_abs_means`): no full-size temporary.
+        The readout reports z in parts through `observe` (whole, or in the chunked loss's row chunks).
+        """
         self._sums = {t: [] for t in LAYER_TYPES}
         self._outputs = {t: [] for t in LAYER_TYPES}
-        divisor = self.model.softcap_divisor
         handles = []
         for kind, module in self._modules():
+            if kind == "readout":
+                handles.append(module.observe(self._readout_observer(keep)))
+                continue
+
             def hook(_mod, _inp, out, kind=kind):
-                size = out.detach().float().abs().mean()
-                self._sums[kind].append(size)
-                if kind == "readout":
-                    self._sums["logits"].append(size / divisor)  # what enters the soft-cap sigmoid
+                self._sums[kind].append(row_abs_means(out.detach()).mean())
                 if keep:
                     self._outputs[kind].append(out.detach().float())
-                    if kind == "readout":
-                        self._outputs["logits"].append(out.detach().float() / divisor)
             handles.append(module.register_forward_hook(hook))
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
+
+    def _readout_observer(self, keep: bool):
+        """Mean |z| of the whole readout output from its parts; `logits` is z / divisor, what enters the sigmoid."""
+        divisor = self.model.softcap_divisor
+        rows: list[torch.Tensor] = []
+        kept: list[torch.Tensor] = []
+
+        def observer(z, first, last):
+            if first:
+                rows.clear()
+                kept.clear()
+            rows.append(row_abs_means(z))
+            if keep:
+                kept.append(z.float().reshape(-1, z.size(-1)))
+            if last:
+                size = torch.cat(rows).mean()
+                self._sums["readout"].append(size)
+                self._sums["logits"].append(size / divisor)
+                if keep:
+                    whole = torch.cat(kept)
+                    self._outputs["readout"].append(whole)
+                    self._outputs["logits"].append(whole / divisor)
+        return observer
 
     def finish_step(self, step: int) -> dict[str, float]:
         """Average over layers and micro-batches; one read-back for all types."""
@@ -204,11 +230,11 @@ def measure(widths: list[int], steps: int, seeds: list[int], *, use_mup: bool, s
             rec, rec0 = CoordRecorder(model), CoordRecorder(init_model)
             for step in range(steps):
                 batches = loader.next_step()
-                with rec.recording(keep=True):
-                    forward_backward(model, batches, 1, 1)
+                with rec.recording(keep=True):  # eager steps: the chunked loss (core/chunked_loss.py)
+                    forward_backward(model, batches, 1, 1, chunked=True)
                 with rec0.recording(keep=True), torch.no_grad():
                     for inputs, targets in batches:
-                        init_model(inputs, targets, 1)
+                        init_model(inputs, targets, 1, chunked=True)
                 rec.finish_step(step)
                 rec.delta_row(rec0)
                 set_schedules(cfg, [adam, muon], muon, step)

@@ -16,15 +16,18 @@ Shapes are written as comments `# (T, C)`: T tokens of the packed sequence, C = 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from core import mup
 from core.attention import BLOCK_SIZE, attend, build_masks
+from core.chunked_loss import chunked_softcap_cross_entropy
 from core.fp8 import fp8_linear
 
 
@@ -190,7 +193,10 @@ class Block(nn.Module):
 class Readout(nn.Module):
     """The lm_head: z = x @ W^T times the muP output multiplier (1 under the standard parametrisation).
 
-    Its output is the pre-soft-cap logit that the coordinate check measures.
+    Its output is the pre-soft-cap logit that the coordinate check measures. The chunked loss
+    (core/chunked_loss.py) never calls `forward` on the whole sequence, only `project` on row chunks, so the
+    coordinate check and the activation monitor watch z through `observe` (called with every part of z the
+    forward computes, whole or in chunks), not through a forward hook.
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -200,16 +206,36 @@ class Readout(nn.Module):
         # muP: 1/width_mult (a negative control may change it: core/mup.py MUP_MISTAKES)
         self.output_mult = mup.output_multiplier(cfg.width, cfg.base_width, cfg.mup, cfg.mup_mistake)
         self.x_s, self.w_s, self.grad_s = mup.fp8_scales(cfg.width, cfg.base_width, cfg.mup, cfg.mup_mistake)  # muP
+        self._observers: OrderedDict[int, object] = OrderedDict()  # weak-referenceable, as RemovableHandle needs
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (1, T, C) -> (1, T, V) in fp32
+    def project(self, x: Tensor, weight: Tensor | None = None) -> Tensor:  # x: (..., C) -> (..., V) in fp32
+        """z for x through `weight` (default: this module's; the chunked loss passes a detached alias)."""
+        weight = self.weight if weight is None else weight
         if self.fp8 != "off" and self.training:
-            z = fp8_linear(x, self.weight, self.x_s, self.w_s, self.grad_s, self.fp8)
+            z = fp8_linear(x, weight, self.x_s, self.w_s, self.grad_s, self.fp8)
         else:
-            z = F.linear(x, self.weight.type_as(x))
+            z = F.linear(x, weight.type_as(x))
         # x * 1.0 == x bitwise: skip the multiply when the multiplier is 1 (standard parametrisation); it is a
         # pass over the (1, T, V) logits in the forward and one in the backward of an eager CPU step (issue 10)
         z = at_least_fp32(z)
         return z if self.output_mult == 1.0 else z * self.output_mult
+
+    def observe(self, fn) -> RemovableHandle:
+        """Call `fn(z_part, first, last)` (no grad) with each part of z a forward computes; `.remove()` the handle."""
+        handle = RemovableHandle(self._observers)
+        self._observers[handle.id] = fn
+        return handle
+
+    def notify(self, z: Tensor, first: bool, last: bool) -> None:
+        if self._observers:
+            with torch.no_grad():
+                for fn in list(self._observers.values()):
+                    fn(z.detach(), first, last)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (1, T, C) -> (1, T, V) in fp32
+        z = self.project(x)
+        self.notify(z, True, True)
+        return z
 
 
 class GPT(nn.Module):
@@ -251,10 +277,12 @@ class GPT(nn.Module):
         return [self.cfg.uses_long_window(i) for i in range(self.cfg.depth)]
 
     def forward(self, input_seq: Tensor, target_seq: Tensor | None = None, window_blocks: Tensor | int = 1,
-                reduction: str = "sum", use_flex: bool | None = None) -> Tensor:
+                reduction: str = "sum", use_flex: bool | None = None, chunked: bool = False) -> Tensor:
         """input_seq, target_seq: (T,) token ids. Returns the summed (or mean) loss, or the logits if no targets.
 
         `window_blocks` is the long window in 128-token blocks; the short window is half of it (at least 1).
+        `chunked`: the loss through core/chunked_loss.py (row chunks, never the full fp32 logits; equal up to
+        float rounding), else the record's readout, soft-cap and cross-entropy over the whole sequence.
         """
         cfg = self.cfg
         assert input_seq.ndim == 1, "the model takes one packed sequence (T,)"
@@ -276,7 +304,11 @@ class GPT(nn.Module):
             x = block(x, ve[j] if j is not None else None, x0, self.block_lambdas[i], self.attn_lambdas[i], mask)
             if i < n:
                 skips.append(x)
-        z = self.lm_head(rms_norm(x))  # (1, T, V) fp32
+        x = rms_norm(x)
+        if chunked and target_seq is not None:
+            return chunked_softcap_cross_entropy(x[0], self.lm_head, target_seq, cfg.softcap, self.softcap_divisor,
+                                                 reduction)
+        z = self.lm_head(x)  # (1, T, V) fp32
         logits = cfg.softcap * torch.sigmoid(z / self.softcap_divisor)
         if target_seq is None:
             return logits[0]

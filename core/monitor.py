@@ -60,6 +60,47 @@ def _output_tensor(output) -> Tensor | None:
     return None
 
 
+ROW_CHUNK_ELEMENTS = 2**22  # row reductions take at most this many elements at a time (16 MiB in fp32)
+
+
+def row_chunks(x: Tensor) -> tuple[Tensor, ...]:
+    """x as a 2-D (rows, last dim) view, split into row chunks of at most ROW_CHUNK_ELEMENTS elements.
+
+    A statistic reduced chunk by chunk makes fp32 temporaries (`.float()` of a bf16 output, `.abs()`) of one
+    chunk, not of the whole output: the readout's z is 9.9 GB in fp32 at the record's batch (issue 21).
+    """
+    rows = x.reshape(-1, x.shape[-1]) if x.ndim > 0 else x.reshape(1, 1)
+    return rows.split(max(1, ROW_CHUNK_ELEMENTS // max(rows.size(1), 1)))
+
+
+class RowMoments:
+    """[mean, std, max, min, l2_norm] of a tensor given in parts of whole rows (`add` each part, then `stats`)."""
+
+    def __init__(self):
+        self.norms: list[Tensor] = []   # per-row L2 norms
+        self.means: list[Tensor] = []   # per-row means
+        self.lo: list[Tensor] = []
+        self.hi: list[Tensor] = []
+        self.numel = 0
+
+    def add(self, x: Tensor) -> "RowMoments":
+        for chunk in row_chunks(x):
+            chunk = chunk.float()
+            self.norms.append(torch.linalg.vector_norm(chunk, dim=-1))
+            self.means.append(chunk.mean(dim=-1))
+            lo, hi = torch.aminmax(chunk)
+            self.lo.append(lo)
+            self.hi.append(hi)
+            self.numel += chunk.numel()
+        return self
+
+    def stats(self) -> Tensor:
+        l2 = torch.linalg.vector_norm(torch.cat(self.norms))
+        mean = torch.cat(self.means).mean()
+        std = (l2.square() / self.numel - mean.square()).clamp_min(0).sqrt()
+        return torch.stack([mean, std, torch.stack(self.hi).max(), torch.stack(self.lo).min(), l2])
+
+
 def activation_stats(x: Tensor) -> Tensor:
     """[mean, std, max, min, l2_norm] of all of x's elements, as one fp32 tensor on x's device.
 
@@ -67,14 +108,14 @@ def activation_stats(x: Tensor) -> Tensor:
     `_foreach_norm`) over millions of elements drifts low (tests/test_monitor.py: 3198.77 vs 3199.99 on
     a 512 x 20000 N(0,1) tensor), and `std_mean` is slow there (METRICS_ANALYSIS.md section 2: the
     logits hook went from 330 ms to 24 ms). std comes from the moments (E[x^2] - mean^2), exact
-    enough unless |mean| >> std.
+    enough unless |mean| >> std. The rows are reduced in chunks (`row_chunks`): no full-size temporary.
     """
-    rows = x.float().reshape(-1, x.shape[-1]) if x.ndim > 0 else x.float().reshape(1, 1)
-    l2 = torch.linalg.vector_norm(torch.linalg.vector_norm(rows, dim=-1))
-    mean = rows.mean(dim=-1).mean()
-    std = (l2.square() / rows.numel() - mean.square()).clamp_min(0).sqrt()
-    lo, hi = torch.aminmax(rows)
-    return torch.stack([mean, std, hi, lo, l2])
+    return RowMoments().add(x).stats()
+
+
+def row_abs_means(x: Tensor) -> Tensor:
+    """Mean |x| of each row of x's 2-D view (fp32), reduced chunk by chunk: no full-size temporary."""
+    return torch.cat([chunk.float().abs().mean(dim=-1) for chunk in row_chunks(x)])
 
 
 def default_activation_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -160,7 +201,9 @@ class TrainingMonitor:
         if not self.measures_activations(step):
             yield
             return
-        handles = [m.register_forward_hook(self._make_hook(name)) for name, m in self._act_modules.items()]
+        # a module with `observe` (the readout: core/model.py) reports its output in parts (the chunked loss)
+        handles = [m.observe(self._make_observer(name)) if hasattr(m, "observe")
+                   else m.register_forward_hook(self._make_hook(name)) for name, m in self._act_modules.items()]
         try:
             yield
         finally:
@@ -177,6 +220,18 @@ class TrainingMonitor:
                 return
             self._act[name] = activation_stats(out.detach())
         return hook
+
+    def _make_observer(self, name: str):
+        """The readout's observer: the statistics of the whole output from its parts (rows), first to last."""
+        parts: dict[str, RowMoments] = {}
+
+        def observer(z: Tensor, first: bool, last: bool):
+            if first:
+                parts[name] = RowMoments()
+            parts[name].add(z)
+            if last:
+                self._act[name] = parts.pop(name).stats()
+        return observer
 
     # ------------------------------------------------------------------ step callbacks
 

@@ -103,26 +103,28 @@ def window_tensor(blocks: int, device: torch.device) -> torch.Tensor:
     return _window_tensors[key]
 
 
-def forward_backward(model, batches, window: int, grad_accum: int) -> torch.Tensor:
+def forward_backward(model, batches, window: int, grad_accum: int, chunked: bool = False) -> torch.Tensor:
     """Sum-reduced loss per micro-batch (as the record: keeps FP8 e5m2 gradients in range), divided by
-    grad_accum so that 1 process x A micro-batches == A ranks x 1. Returns the summed loss (device)."""
+    grad_accum so that 1 process x A micro-batches == A ranks x 1. Returns the summed loss (device).
+    `chunked`: the readout and loss in row chunks (core/chunked_loss.py), else the record's."""
     device = batches[0][0].device
     total = None  # in the loss's dtype (float64 in the golden test)
     for inputs, targets in batches:
-        loss = model(inputs, targets, window_tensor(window, device))
+        loss = model(inputs, targets, window_tensor(window, device), chunked=chunked)
         (loss / grad_accum).backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total
 
 
 @torch.no_grad()
-def evaluate(model, val_set, window: int, info: DistInfo) -> torch.Tensor:
-    """Mean validation loss per token over this rank's share, averaged over ranks (device tensor)."""
+def evaluate(model, val_set, window: int, info: DistInfo, chunked: bool = False) -> torch.Tensor:
+    """Mean validation loss per token over this rank's share, averaged over ranks (device tensor).
+    `chunked`: the readout and loss in row chunks (core/chunked_loss.py), else the record's."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=info.device)
     for inputs, targets in val_set:
-        total += model(inputs, targets, window_tensor(window, info.device), reduction="mean")
+        total += model(inputs, targets, window_tensor(window, info.device), reduction="mean", chunked=chunked)
     total /= max(len(val_set), 1)
     model.train(was_training)
     return all_reduce_mean(total, info)

@@ -33,6 +33,7 @@ from core.compile import describe_compiled, resolve_compile, run_train_tflop
 from core.config import ConfigError, TrainConfig, grad_accum_steps, resolve_defaults, validate
 from core.coord_check import CoordRecorder
 from core.data import BatchLoader, Vocab, declared_vocab, resolve_data, unigram_entropy, val_batches
+from core.chunked_loss import resolve_loss_paths
 from core.distributed import DistInfo, all_reduce_mean, broadcast_object, setup_distributed, teardown
 from core.fp8 import fallback_warning as fp8_fallback_warning, resolve_fp8_mode
 from core.fp8 import grad_scale_for_accumulation as fp8_grad_scale
@@ -140,6 +141,7 @@ class Trainer:
         self.fp8_warning = fp8_fallback_warning(cfg.fp8, self.fp8_mode, self.device)
         self.use_compile, self.compile_reason = resolve_compile(cfg.compile, self.device, run_train_tflop(cfg),
                                                                 cfg.vocab_size)
+        self.loss_paths = resolve_loss_paths(cfg.chunked_loss, self.use_compile, self.device.type)
 
     def _setup_data(self) -> None:
         """The shards, before any model is built, so that bad ones fail fast; the validation size."""
@@ -178,6 +180,7 @@ class Trainer:
         self.resolved = {"device": str(self.device), "world_size": info.world_size, "grad_accum": self.grad_accum,
                          "fp8_mode": self.fp8_mode, "fp8_reason": self.fp8_reason, "compile": self.use_compile,
                          "ns_dtype": str(ns_dtype(self.device)).replace("torch.", ""), "vocab": self.data.vocab.name,
+                         "chunked_loss": {k: getattr(self.loss_paths, k) for k in ("train", "eager", "val")},
                          "code": core.logger.code_version()}
         try:
             self.logger = SimpleLogger(
@@ -257,6 +260,7 @@ class Trainer:
             print(self.fp8_warning, file=sys.stderr, flush=True)
         if cuda:
             log(allocator_note())
+        log(f"loss path: {self.loss_paths.reason}")
         log("MFU: " + (f"peak {self.peak_flops / 1e12:.0f} TFLOP/s ({self.peak_reason})" if self.peak_flops
                        else "unavailable: " + self.peak_reason))
         if cfg.mup:
@@ -309,7 +313,10 @@ class Trainer:
     def _warm_up_kernels(self) -> None:
         """Compile / autotune on real batches, then restore the initial state (record: warm-up is not training).
 
-        The loader is restored too, so the measured run sees exactly the batches it would have seen.
+        The loader is restored too, so the measured run sees exactly the batches it would have seen. A run with
+        eager measuring steps (--coord-check, activation statistics) also warms the eager module once: on CUDA
+        its FlexAttention and FP8 kernels are compiled lazily on first use (core/attention.py), which would
+        otherwise happen inside the timed loop at the first coordinate-check step.
         """
         cfg, model, loader = self.cfg, self.model, self.train_loader
         if cfg.warmup_steps <= 0:
@@ -319,10 +326,12 @@ class Trainer:
         initial = dict(model=copy.deepcopy(model.state_dict()),
                        optimizers=[copy.deepcopy(opt.state_dict()) for opt in self.optimizers],
                        loader=copy.deepcopy(loader.state_dict()))
-        for i in range(cfg.warmup_steps):
+        eager = bool(cfg.coord_check or cfg.activations)  # an eager measuring step will run
+        runs = [(self.train_model, self.loss_paths.train)] * cfg.warmup_steps + [(model, self.loss_paths.eager)] * eager
+        for i, (step_model, chunked) in enumerate(runs):
             # visit the window sizes the run will use, so no recompile happens inside the timed loop
-            step = (i * cfg.iterations) // max(cfg.warmup_steps, 1)
-            forward_backward(self.train_model, loader.next_step(), self.window_at(step), self.grad_accum)
+            step = (min(i, cfg.warmup_steps - 1) * cfg.iterations) // max(cfg.warmup_steps, 1)
+            forward_backward(step_model, loader.next_step(), self.window_at(step), self.grad_accum, chunked=chunked)
             for opt in self.optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)
@@ -330,7 +339,9 @@ class Trainer:
         for opt, state in zip(self.optimizers, initial["optimizers"]):
             opt.load_state_dict(state)
         loader.load_state_dict(initial["loader"])
-        self.log(f"kernel warm-up: {cfg.warmup_steps} steps in {time.perf_counter() - t:.1f}s (state restored)")
+        self.log(f"kernel warm-up: {cfg.warmup_steps} steps" + (" + 1 eager step (the measuring steps' kernels)"
+                                                                 if eager else "")
+                 + f" in {time.perf_counter() - t:.1f}s (state restored)")
 
     def _resume(self) -> None:
         """--resume: every piece of state put back; the loop continues after the checkpoint's step."""
@@ -395,9 +406,13 @@ class Trainer:
         # forward hooks added after torch.compile traced the model never fire (core/monitor.py): steps that
         # measure activations or record the coordinate check run the eager module
         step_model = model if recording else monitor.module_for(done, self.train_model)
+        measuring = recording or monitor.measures_activations(done)
         self.peaks.switch("train_eager" if step_model is not self.train_model else "train")  # eager steps apart
+        # measuring steps: the chunked loss under --chunked-loss auto (the unchunked eager readout runs out of
+        # memory at the record's batch: issue 21); the other steps: the path resolve_loss_paths chose
+        chunked = self.loss_paths.eager if measuring else self.loss_paths.train
         with monitor.activation_hooks(done), (coord.recording() if recording else contextlib.nullcontext()):
-            loss_sum = forward_backward(step_model, batches, window, self.grad_accum)
+            loss_sum = forward_backward(step_model, batches, window, self.grad_accum, chunked=chunked)
         if recording:
             self.logger.log_metrics(coord.finish_step(step), step=step)
         monitor.after_backward(done)
@@ -421,7 +436,8 @@ class Trainer:
         with self.clock.paused():
             self.peaks.switch("val")
             # the module-level evaluate (core/steps.py), looked up here so that tests can wrap it
-            val_loss = evaluate(self.train_model, self.val_set, self.window_at(step), self.info).item()
+            val_loss = evaluate(self.train_model, self.val_set, self.window_at(step), self.info,
+                                chunked=self.loss_paths.val).item()
             result.val_losses.append((step, val_loss))
             result.final_val_loss = val_loss
             result.best_val_loss = min(result.best_val_loss, val_loss)

@@ -109,14 +109,14 @@ def _worker(out_dir: str, mode: str, argv: list[str]) -> None:
         # micro-batches accumulated on its own ("a rank"), then the two halves averaged ("the all-reduce").
         real_fb = trainer.forward_backward
 
-        def forward_backward_in_rank_order(model, batches, window, grad_accum):
+        def forward_backward_in_rank_order(model, batches, window, grad_accum, **kw):
             params = list(captured["model"].parameters())
             half = len(batches) // 2
-            total = real_fb(model, batches[:half], window, half)
+            total = real_fb(model, batches[:half], window, half, **kw)
             first = [p.grad for p in params]
             for p in params:
                 p.grad = None
-            total = total + real_fb(model, batches[half:], window, half)
+            total = total + real_fb(model, batches[half:], window, half, **kw)
             for p, g in zip(params, first):
                 p.grad = (g + p.grad) / 2
             return total

@@ -1,7 +1,8 @@
 """The CUDA-facing paths of a run that can be checked without a GPU (issue 13), and their GPU-only twins.
 
-CPU: the allocator config train.py sets before torch loads, peak memory per phase in the log, and the
-kernel warm-up whose state the run discards (`--warmup-steps 2` gives rows bitwise equal to 0).
+CPU: the allocator config train.py sets before torch loads, peak memory
+per phase in the log, and the kernel warm-up whose state the run discards (`--warmup-steps 2` gives rows
+bitwise equal to 0; with --coord-check it also runs the eager measuring step once).
 GPU (`-m gpu`, skipped without CUDA): the training step makes no host synchronisation between log steps.
 """
 import json
@@ -75,6 +76,16 @@ def test_kernel_warmup_state_is_restored_bitwise(tmp_path):
     assert "peak memory per phase" in log and "warmup" in log.split("peak memory per phase")[-1]
 
 
+def test_kernel_warmup_runs_the_eager_measuring_step_and_restores_it(tmp_path):
+    """Issue 21 item 2: with --coord-check the warm-up also runs the eager module once (on CUDA its FlexAttention
+    and FP8 kernels compile on first use), so no compile lands in the timed loop; its state is discarded too."""
+    plain, _ = _run(tmp_path, "c0", "--coord-check", "--warmup-steps", "0")
+    warmed, log = _run(tmp_path, "c1", "--coord-check", "--warmup-steps", "1")
+    assert "kernel warm-up: 1 steps + 1 eager step" in log
+    untimed = lambda rs: [{k: v for k, v in r.items() if not k.startswith(TIMED)} for r in rs]  # noqa: E731
+    assert untimed(plain) == untimed(warmed) and any("CoordCheck/readout" in r for r in plain)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU only
 
@@ -93,7 +104,7 @@ def test_training_step_makes_no_host_sync_between_log_steps(tmp_path):
                       "--use-wandb", "false", "--log-dir", str(tmp_path), "--run-name", "sync"])
     real_fb, calls = trainer.forward_backward, []
 
-    def strict_forward_backward(model, batches, window, grad_accum):
+    def strict_forward_backward(model, batches, window, grad_accum, **kw):
         # From step 2 on (step 1 fills the guard's and the window's small device caches once), every step that is
         # not a log step runs under the strict mode, from its forward to the next step's loader call; the
         # warm-up's calls (compilation) and the log steps (their one read-back) do not.
@@ -101,7 +112,7 @@ def test_training_step_makes_no_host_sync_between_log_steps(tmp_path):
         step = len(calls) - cfg.warmup_steps  # completed-step number of this call
         strict = step > 1 and step % cfg.log_every != 0
         torch.cuda.set_sync_debug_mode("error" if strict else "default")
-        return real_fb(model, batches, window, grad_accum)
+        return real_fb(model, batches, window, grad_accum, **kw)
 
     trainer.forward_backward = strict_forward_backward
     try:
