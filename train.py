@@ -56,6 +56,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # The allocator setting first: the import below loads torch, which parses PYTORCH_CUDA_ALLOC_CONF only then
+    # (issue 21 item 6). main() calls it again for callers that import train (a no-op once it is set).
+    configure_cuda_allocator()
     # record(): under torchrun, a failing rank's traceback lands in the job's "Root Cause" summary
     from torch.distributed.elastic.multiprocessing.errors import record
     sys.exit(record(main)())

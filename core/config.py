@@ -64,6 +64,7 @@ class TrainConfig:
     # auto: coordinate-check / activation steps and validation in row chunks, compiled training the record's fused
     # path (the chunked one is unmeasured on a GPU); on: everywhere; off: nowhere (core/chunked_loss.py)
     chunked_loss: str = "auto"        # auto | on | off; readout + soft-cap + cross-entropy in row chunks, never the full fp32 logits
+    dist_timeout_s: float | None = None  # seconds a collective waits for the other ranks (None: env DIST_TIMEOUT_S, else 1800)
     seed: int = 1337                  # model init and data order are deterministic given the seed
     warmup_steps: int | None = None   # kernel warm-up steps whose state is discarded (CUDA 10, CPU 0)
     # --- logging and monitoring --------------------------------------------------------------
@@ -243,6 +244,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         need(value > 0 and math.isfinite(value), f"--{flag.replace('_', '-')} must be a positive number, got {value}")
     if cfg.peak_tflops is not None:
         need(cfg.peak_tflops > 0, f"--peak-tflops must be positive, got {cfg.peak_tflops}")
+    check_dist_timeout(cfg.dist_timeout_s)
     need(cfg.chunked_loss in ("auto", "on", "off"), f"--chunked-loss must be auto, on or off, got {cfg.chunked_loss!r}")
     # checkpoints and failure handling
     need(cfg.save_every >= 0, f"--save-every must be >= 0 (0 = only on a stop signal), got {cfg.save_every}")
@@ -254,6 +256,15 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.resume is not None and cfg.resume != "auto":
         need(os.path.exists(cfg.resume), f"--resume {cfg.resume}: no such file or folder; pass a checkpoint "
                                          "(logs/<run>/checkpoints/step_*.pt), a run folder, or auto")
+
+
+def check_dist_timeout(seconds: float | None, given_as: str | None = None) -> None:
+    """A process-group timeout must be a positive, finite number of seconds (None: not given). `given_as`: how
+    the user wrote it, for the message (default `--dist-timeout-s <seconds>`)."""
+    if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
+        given_as = given_as or f"--dist-timeout-s {seconds:g}"
+        raise ConfigError(f"{given_as}: the process-group timeout must be a positive number of seconds, "
+                          "e.g. 1800 (30 min, the default: a cold torch.compile of the record takes minutes)")
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:

@@ -10,9 +10,12 @@ CUDA, gloo on CPU; one node or many, as torchrun launches them:
              --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 train.py ...      # each of 2 nodes
 
 Failure handling: a rank that raises or dies makes torchrun stop the others at once. A rank that
-hangs is caught by the process-group timeout (`DIST_TIMEOUT_S`, default 300 s): the waiting ranks'
-collectives fail after it (gloo raises; NCCL's watchdog tears the process down, the default
-TORCH_NCCL_ASYNC_ERROR_HANDLING=3), and torchrun then stops the whole job.
+hangs is caught by the process-group timeout (`--dist-timeout-s`, else `DIST_TIMEOUT_S`, else 1800 s):
+the waiting ranks' collectives fail after it (gloo raises; NCCL's watchdog tears the process down, the
+default TORCH_NCCL_ASYNC_ERROR_HANDLING=3), and torchrun then stops the whole job. The default is 30
+minutes because the ranks meet at their first collective only after each compiled the model: a cold
+compile of the record takes minutes and differs between ranks (issue 21: the old 300 s could kill a job
+whose ranks finished compiling minutes apart). The run log and config.json carry the value in use.
 """
 from __future__ import annotations
 
@@ -24,9 +27,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# Long enough for the slowest rank's first torch.compile and for rank 0 to build the data cache
-# while the others wait at a barrier; short enough that a hung rank ends the job in minutes.
-DEFAULT_TIMEOUT_S = 300.0
+from core.config import ConfigError, check_dist_timeout
+
+# Long enough for the slowest rank's cold torch.compile (minutes for the record, more on a cold inductor
+# cache or a loaded host) and for rank 0 to build the data cache while the others wait at a barrier; a
+# hung rank still ends the job within the half hour.
+DEFAULT_TIMEOUT_S = 1800.0
 TIMEOUT_ENV = "DIST_TIMEOUT_S"
 
 
@@ -37,6 +43,7 @@ class DistInfo:
     world_size: int
     device: torch.device
     backend: str | None  # None: single process, no process group
+    timeout_s: float | None = None  # the process group's timeout (None: not resolved, e.g. a test's DistInfo)
 
     @property
     def is_main(self) -> bool:
@@ -55,8 +62,12 @@ def pick_device(device_flag: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def process_group_timeout(env: dict | None = None) -> float:
-    """Seconds a collective may wait for the other ranks: `DIST_TIMEOUT_S` or DEFAULT_TIMEOUT_S."""
+def process_group_timeout(env: dict | None = None, flag: float | None = None) -> float:
+    """Seconds a collective may wait for the other ranks: `flag` (--dist-timeout-s), else `DIST_TIMEOUT_S`,
+    else DEFAULT_TIMEOUT_S (30 min). A value <= 0 or not a number raises ConfigError (exit 2) saying so."""
+    check_dist_timeout(flag)
+    if flag is not None:
+        return float(flag)
     env = os.environ if env is None else env
     raw = env.get(TIMEOUT_ENV)
     if raw is None or raw == "":
@@ -64,17 +75,25 @@ def process_group_timeout(env: dict | None = None) -> float:
     try:
         value = float(raw)
     except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds, e.g. 300")
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds, e.g. 1800") from None
+    check_dist_timeout(value, given_as=f"{TIMEOUT_ENV}={raw!r}")
     return value
+
+
+def timeout_note(seconds: float, info: DistInfo) -> str:
+    """The process-group timeout as a sentence for the run log."""
+    where = (f"{info.backend} process group of {info.world_size} ranks" if info.distributed
+             else "no process group (single process); a multi-rank run would use it")
+    return f"process-group timeout: {seconds:g} s ({seconds / 60:g} min) | {where}"
 
 
 def setup_distributed(device_flag: str = "auto", timeout_s: float | None = None) -> DistInfo:
     """Read torchrun's environment, pick the device, and start the process group when world size > 1.
 
-    timeout_s: how long a collective waits for a missing rank before failing (None: `process_group_timeout()`).
+    timeout_s: how long a collective waits for a missing rank before failing (None: `process_group_timeout()`:
+    DIST_TIMEOUT_S or 30 min). DistInfo.timeout_s carries it, also on one process (for the log and config.json).
     """
+    timeout_s = process_group_timeout(flag=timeout_s)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -82,15 +101,13 @@ def setup_distributed(device_flag: str = "auto", timeout_s: float | None = None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size == 1:
-        return DistInfo(0, 0, 1, device, None)
-    if timeout_s is None:
-        timeout_s = process_group_timeout()
+        return DistInfo(0, 0, 1, device, None, timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if device.type == "cuda":
         kwargs["device_id"] = device  # binds the communicator to this GPU (eager NCCL init)
     dist.init_process_group(**kwargs)
-    return DistInfo(rank, local_rank, world_size, device, backend)
+    return DistInfo(rank, local_rank, world_size, device, backend, timeout_s)
 
 
 def teardown(info: DistInfo, finished: bool = False) -> None:

@@ -34,7 +34,8 @@ from core.config import ConfigError, TrainConfig, grad_accum_steps, resolve_defa
 from core.coord_check import CoordRecorder
 from core.data import BatchLoader, Vocab, declared_vocab, resolve_data, unigram_entropy, val_batches
 from core.chunked_loss import resolve_loss_paths
-from core.distributed import DistInfo, all_reduce_mean, broadcast_object, setup_distributed, teardown
+from core.distributed import (DistInfo, all_reduce_mean, broadcast_object, process_group_timeout, setup_distributed,
+                              teardown, timeout_note)
 from core.fp8 import fallback_warning as fp8_fallback_warning, resolve_fp8_mode
 from core.fp8 import grad_scale_for_accumulation as fp8_grad_scale
 from core.guard import EXIT_NONFINITE, EXIT_STOPPED, GracefulStop, NonFiniteError, NonFiniteGuard, StopRequested
@@ -60,7 +61,8 @@ class RunResult:
 
 def run(cfg: TrainConfig) -> RunResult:
     """Train as `train.py` does: set up, run the loop, and leave the process group (also on an error)."""
-    info = setup_distributed(cfg.device)
+    # --dist-timeout-s (else DIST_TIMEOUT_S, else 30 min); a value <= 0 is a ConfigError (exit 2) before any group
+    info = setup_distributed(cfg.device, cfg.dist_timeout_s)
     finished = False
     try:
         result = Trainer(cfg, info).train()
@@ -142,6 +144,8 @@ class Trainer:
         self.use_compile, self.compile_reason = resolve_compile(cfg.compile, self.device, run_train_tflop(cfg),
                                                                 cfg.vocab_size)
         self.loss_paths = resolve_loss_paths(cfg.chunked_loss, self.use_compile, self.device.type)
+        self.dist_timeout_s = (info.timeout_s if info.timeout_s is not None
+                               else process_group_timeout(flag=cfg.dist_timeout_s))
 
     def _setup_data(self) -> None:
         """The shards, before any model is built, so that bad ones fail fast; the validation size."""
@@ -181,7 +185,7 @@ class Trainer:
                          "fp8_mode": self.fp8_mode, "fp8_reason": self.fp8_reason, "compile": self.use_compile,
                          "ns_dtype": str(ns_dtype(self.device)).replace("torch.", ""), "vocab": self.data.vocab.name,
                          "chunked_loss": {k: getattr(self.loss_paths, k) for k in ("train", "eager", "val")},
-                         "code": core.logger.code_version()}
+                         "dist_timeout_s": self.dist_timeout_s, "code": core.logger.code_version()}
         try:
             self.logger = SimpleLogger(
                 self.run_dir, {**cfg.to_dict(), "resolved": self.resolved}, rank=info.rank, use_wandb=cfg.use_wandb,
@@ -212,6 +216,7 @@ class Trainer:
             f"{platform.platform()}")
         log(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
             + f" | world size {info.world_size} | backend {info.backend or 'none (single process)'}")
+        log(timeout_note(self.dist_timeout_s, info))
         data = self.data
         log(f"data: {data.name} ({len(data.train_files)} train shard(s), {self.val_tokens:,} validation tokens, "
             f"vocabulary {data.vocab.name}: {data.vocab.size} ids, BOS {data.vocab.bos_id})"
@@ -258,8 +263,7 @@ class Trainer:
         if self.fp8_warning:  # a GPU with FP8 tensor cores whose FP8 probe failed: say it where nobody can miss it
             log(self.fp8_warning)
             print(self.fp8_warning, file=sys.stderr, flush=True)
-        if cuda:
-            log(allocator_note())
+        log(allocator_note(device_type=self.device.type))
         log(f"loss path: {self.loss_paths.reason}")
         log("MFU: " + (f"peak {self.peak_flops / 1e12:.0f} TFLOP/s ({self.peak_reason})" if self.peak_flops
                        else "unavailable: " + self.peak_reason))

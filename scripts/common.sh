@@ -5,7 +5,8 @@
 # share); the c10d rendezvous assigns the ranks (NODE_RANK, if set, is passed on but not needed).
 # torchrun runs as `$PYTHON -m torch.distributed.run`, so it uses the same interpreter (and virtual
 # environment) as the one-process path, activated or not.
-# DIST_TIMEOUT_S (default 300) bounds how long the ranks wait for a hung one (core/distributed.py).
+# DIST_TIMEOUT_S (default 1800: outlasts a cold compile; --dist-timeout-s wins) bounds how long the ranks wait
+# for a hung one (core/distributed.py).
 PYTHON=${PYTHON:-python}
 if [ -z "${NPROC:-}" ]; then
   NPROC=$($PYTHON -c "import torch; print(torch.cuda.device_count() or 1)" 2>/dev/null || echo 1)

@@ -441,22 +441,49 @@ def test_ranks_read_one_process_batch_for_any_world_size(world_size):
         validate(cfg, 5)
 
 
-def test_process_group_timeout_from_env():
+def test_process_group_timeout_from_flag_env_and_default():
+    from core.config import ConfigError
     from core.distributed import DEFAULT_TIMEOUT_S, process_group_timeout
 
+    assert DEFAULT_TIMEOUT_S == 1800.0  # 30 min: outlasts a cold compile of the record (issue 21)
     assert process_group_timeout({}) == DEFAULT_TIMEOUT_S
     assert process_group_timeout({"DIST_TIMEOUT_S": "12.5"}) == 12.5
-    for bad in ("0", "-3", "soon"):
-        with pytest.raises(ValueError, match="DIST_TIMEOUT_S"):
+    assert process_group_timeout({"DIST_TIMEOUT_S": "12.5"}, flag=60) == 60.0  # the flag wins
+    for bad in ("0", "-3", "soon", "inf"):
+        with pytest.raises(ConfigError, match="DIST_TIMEOUT_S"):
             process_group_timeout({"DIST_TIMEOUT_S": bad})
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="--dist-timeout-s .*positive number of seconds"):
+            process_group_timeout({}, flag=bad)
+
+
+def test_dist_timeout_flag_is_validated_logged_and_saved(tmp_path):
+    from core.config import ConfigError, parse_args, validate
+    from core.trainer import run
+
+    cfg = parse_args(["--dist-timeout-s", "0"])
+    with pytest.raises(ConfigError, match="--dist-timeout-s 0"):
+        run(cfg)  # refused before any process group or model
+    cfg = parse_args(["--dist-timeout-s", "-5", "--width", "32", "--depth", "2", "--head-dim", "16"])
+    from core.config import resolve_defaults
+    with pytest.raises(ConfigError, match="positive number of seconds"):
+        validate(resolve_defaults(cfg, "cpu", env={}))
+    flags = ["--width", "32", "--depth", "2", "--head-dim", "16", "--seq-len", "128", "--batch-tokens", "128",
+             "--val-seq-len", "128", "--val-tokens", "128", "--iterations", "1", "--log-dir", str(tmp_path),
+             "--run-name", "t", "--dist-timeout-s", "2400"]
+    run(parse_args(flags))
+    assert "process-group timeout: 2400 s (40 min)" in (tmp_path / "t" / "training.log").read_text()
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["dist_timeout_s"] == 2400.0 and config["resolved"]["dist_timeout_s"] == 2400.0
 
 
 def test_single_process_helpers_make_no_collective():
-    from core.distributed import DistInfo, all_reduce_mean, broadcast_object, global_grad_norm, setup_distributed
+    from core.distributed import (DistInfo, all_reduce_mean, broadcast_object, global_grad_norm, process_group_timeout,
+                                  setup_distributed)
 
     assert not torch.distributed.is_initialized()
     info = setup_distributed("cpu")  # no torchrun environment in pytest: one process, no group
-    assert info == DistInfo(0, 0, 1, torch.device("cpu"), None) and not info.distributed
+    assert info == DistInfo(0, 0, 1, torch.device("cpu"), None, process_group_timeout()) and not info.distributed
     t = torch.tensor([3.0])
     assert all_reduce_mean(t, info) is t and t.item() == 3.0
     assert broadcast_object("name", info) == "name"

@@ -1,6 +1,6 @@
 """The CUDA-facing paths of a run that can be checked without a GPU (issue 13), and their GPU-only twins.
 
-CPU: the allocator config train.py sets before torch loads, peak memory
+CPU: the allocator config train.py sets before torch loads (torch's parsed setting read back), peak memory
 per phase in the log, and the kernel warm-up whose state the run discards (`--warmup-steps 2` gives rows
 bitwise equal to 0; with --coord-check it also runs the eager measuring step once).
 GPU (`-m gpu`, skipped without CUDA): the training step makes no host synchronisation between log steps.
@@ -42,6 +42,49 @@ def test_train_py_sets_the_allocator_config_before_torch_loads():
             "assert 'torch' not in sys.modules and os.environ['PYTORCH_CUDA_ALLOC_CONF'] == 'expandable_segments:True'\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+MAIN_PATH_ALLOCATOR = """
+import importlib.abc, os, runpy, sys
+os.environ.pop('PYTORCH_CUDA_ALLOC_CONF', None); os.environ.pop('PYTORCH_ALLOC_CONF', None)
+seen = {}
+
+class Spy(importlib.abc.MetaPathFinder):  # notes the variable when anything first imports torch
+    def find_spec(self, name, path, target=None):
+        if name == 'torch':
+            seen.setdefault('torch', os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))
+        return None
+
+sys.meta_path.insert(0, Spy())
+sys.argv = [sys.argv[1], '--help']
+try:
+    runpy.run_path(sys.argv[0], run_name='__main__')
+except SystemExit as e:
+    assert e.code in (0, None), e.code  # --help
+import torch
+print('AT_TORCH_IMPORT', repr(seen.get('torch')), 'EFFECTIVE', repr(torch._C._accelerator_getAllocatorSettings()))
+"""
+
+
+def test_train_py_main_path_sets_the_allocator_config_before_torch_loads():
+    """Issue 21 item 6: `python train.py` (whose `__main__` block imports torch.distributed.elastic) sets the
+    record's allocator config before torch is first imported, and torch's parsed setting is that one."""
+    proc = subprocess.run([sys.executable, "-c", MAIN_PATH_ALLOCATOR, "train.py"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "AT_TORCH_IMPORT 'expandable_segments:True' EFFECTIVE 'expandable_segments:True'" in proc.stdout, \
+        proc.stdout[-500:]
+
+
+def test_allocator_note_names_torchs_effective_setting():
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    cpu = memory.allocator_note(env, "cpu", effective="expandable_segments:True")
+    assert cpu.startswith("CUDA allocator: does not apply on cpu") and "effective setting: 'expandable_segments:True'" in cpu
+    cuda = memory.allocator_note(env, "cuda", effective="expandable_segments:True")
+    assert "WARNING" not in cuda and "effective setting: 'expandable_segments:True'" in cuda
+    late = memory.allocator_note(env, "cuda", effective="")  # the variable was set after torch loaded
+    assert "WARNING" in late and "before the variable was set" in late
+    assert isinstance(memory.torch_allocator_setting(), str)  # this torch can say
 
 
 def test_phase_peaks_on_cpu():

@@ -25,15 +25,18 @@ def test_train_py_end_to_end(tmp_path):
     assert all(s["total"] == 6 for s in steps)
     assert steps[0]["val_loss"] > steps[-1]["val_loss"]  # six steps already lower the validation loss
     assert "using the embedded corpus" in proc.stdout
-    # issue 21: the loss path
+    # issue 21: torch parsed the allocator setting train.py set before it loaded; the loss path and the timeout
+    assert "CUDA allocator: does not apply on cpu" in proc.stdout
+    assert "torch's effective setting: 'expandable_segments:True'" in proc.stdout
     assert "loss path: auto: eager measuring steps and validation in row chunks" in proc.stdout
+    assert "process-group timeout: 1800 s (30 min)" in proc.stdout
 
     run = tmp_path / "e2e"
     for name in ("training.log", "console.log", "config.json", "metrics.jsonl"):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
     assert config["width"] == 32 and config["iterations"] == 6 and config["mup"] is False
-    assert config["chunked_loss"] == "auto"
+    assert config["resolved"]["dist_timeout_s"] == 1800.0 and config["chunked_loss"] == "auto"
     assert config["resolved"]["chunked_loss"] == {"train": False, "eager": True, "val": True}
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = {r["step"]: r["Loss/train_loss"] for r in rows if "Loss/train_loss" in r}
