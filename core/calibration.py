@@ -80,20 +80,27 @@ def fit_shape(xs: np.ndarray, ys: np.ndarray) -> dict:
 
 
 def noise_pool(by_key: dict, widths: list[int], grid: np.ndarray) -> list[dict]:
-    """One entry per real (key, seed): {width: deviation from the key's seed mean on `grid`}, unbiased scale."""
+    """One entry per real (key, seed): {width: deviation from the key's seed mean, by grid position}, unbiased
+    scale. Keys whose LR grid has another place (the Muon sweep's LRs) enter by position along their own grid,
+    which has the same points and spacing: both grids are centred on the record's LR, which sits within a
+    grid step of every width's optimum, so a position means the same distance from the optimum in each."""
     pool = []
+    steps = np.diff(grid)
     for key in NOISE_KEYS:
         curves = by_key.get(key)
         if not curves or any(w not in curves for w in widths):
             continue
         seeds = sorted(set.intersection(*(set(curves[w]) for w in widths)))
-        if len(seeds) < 2 or any(sorted(curves[w][s]) != list(grid) for w in widths for s in seeds):
+        own = sorted(curves[widths[0]][seeds[0]]) if seeds else []
+        if len(seeds) < 2 or len(own) != len(grid) or not np.allclose(np.diff(own), steps):
+            continue
+        if any(sorted(curves[w][s]) != own for w in widths for s in seeds):
             continue
         scale = math.sqrt(len(seeds) / (len(seeds) - 1))
         for s in seeds:
             entry = {}
             for w in widths:
-                ys = np.array([[curves[w][t][x] for x in grid] for t in seeds])
+                ys = np.array([[curves[w][t][x] for x in own] for t in seeds])
                 entry[w] = scale * (ys[seeds.index(s)] - np.nanmean(ys, axis=0))
             if all(np.isfinite(v).all() for v in entry.values()):
                 pool.append(entry)
