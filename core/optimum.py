@@ -6,14 +6,21 @@ an asymmetric curve is biased by an amount that depends on the curve's shape, so
 bias does not cancel in a drift (issue 19: muP/muon's drift read -0.10 with 5 points, -0.27 with 3). The
 verdict (core/transfer.py) therefore asks three estimators and trusts only what they agree on:
 
-  quad3   the parabola through the best grid point and its two neighbours: local, so the least biased by
-          the curve's asymmetry, and the noisiest.
-  quad5   the least-squares parabola through the 5 finite grid points nearest the best one: smoother, and
-          biased where the curve is asymmetric over those 4 octaves.
-  quadgcv a least-squares parabola whose window the data choose: of the 4, 5, 6 or 7 finite points nearest
-          the best one, the window with the lowest generalised cross-validation score
-          (RSS / k) / (1 - 3 / k)^2 (Craven & Wahba 1979), so a curve that is parabolic over many octaves
-          is read over many, an asymmetric one over few.
+  quad3    the parabola through the best grid point and its two neighbours: local, so the least biased by
+           the curve's asymmetry, and the noisiest.
+  cubic5   the least-squares cubic through the 5 finite grid points nearest the best one, read at its local
+           minimum: smoother than quad3, and its u^3 term follows a curve that rises faster on one side.
+  cubicgcv a least-squares cubic whose window the data choose: of the 5 or 6 finite points nearest the best
+           one, the window with the lower generalised cross-validation score (RSS / k) / (1 - 4 / k)^2
+           (Craven & Wahba 1979).
+
+Why cubics and not wider parabolas: the parabolas through 5 points and through a GCV-chosen 4-7 were the
+first edition's second and third estimators, and read every width's optimum ~0.02 octaves low, by an
+amount that changes with width, because the lab's curves are asymmetric (steeper towards high LR). At a
+true drift of -0.25 their 95% intervals covered 91.6% and 91.4% (core/calibration.py, 500 sweeps). A
+cubic over the same points covers 93-96% on the shapes of both the muP/adam and the muP/muon curves; a
+cubic over all 7 points does not (69% at +0.25 on the muP/muon shapes: a cubic cannot follow 6 octaves),
+which is why cubicgcv's windows stop at 6.
 
 (The natural cubic spline through every point was the third estimator first; on this lab's flat-bottomed
 Adam-LR curves its minimum follows the noise: core/calibration.py measured 85% coverage for a 95%
@@ -26,9 +33,10 @@ Each estimate carries a flag, so that nothing is silently made up:
   "edge"    the best point is the lowest or highest finite LR: the minimum is not bracketed, and the
             estimate is that grid point (never an extrapolation)
   "few"     fewer than 3 finite points: the best grid point
-  "clipped" the vertex lay outside the window: clipped to the window's edge (quad5, quadgcv; quad3's
+  "clipped" the minimum lay outside the window: clipped to the window's edge (cubic5, cubicgcv; quad3's
             vertex always lies between its points)
-  "concave" the parabola opens downward (or is flat; quadgcv: every window's): the best grid point instead
+  "concave" the fit has no local minimum (a parabola that opens downward or is flat, a cubic whose
+            derivative has no root where it turns upward): the best grid point instead
   "none"    no finite point at all
 
 Points that are not finite (diverged runs) are not part of a curve; core/transfer.py also leaves out
@@ -42,11 +50,12 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
+from numpy.polynomial import Polynomial
 from scipy.interpolate import CubicSpline
 
-ESTIMATORS = ("quad3", "quad5", "quadgcv")
-QUAD5_POINTS = 5
-GCV_WINDOWS = (4, 5, 6, 7)  # quadgcv's candidate windows (a 3-point parabola has no residual to judge it by)
+ESTIMATORS = ("quad3", "cubic5", "cubicgcv")
+CUBIC_POINTS = 5  # cubic5's window
+GCV_WINDOWS = (5, 6)  # cubicgcv's candidate windows (a cubic through 4 points has no residual to judge it by)
 SPLINE_SAMPLES_PER_UNIT = 64  # the spline's minimum is searched on this many points per grid unit (octave)
 
 
@@ -78,10 +87,13 @@ def estimate(name: str, xs, ys) -> Optimum:
         return Optimum(float(xs[best]), float(ys[best]), "edge")
     if name == "quad3":
         return _vertex(xs[best - 1:best + 2], ys[best - 1:best + 2], xs[best], ys[best])
-    if name == "quad5":
-        idx = window(xs, best, QUAD5_POINTS)
-        return _vertex(xs[idx], ys[idx], xs[best], ys[best])
-    return _gcv_vertex(xs, ys, best)
+    if xs.size < CUBIC_POINTS:  # a cubic needs a residual; too few points for one: the local parabola
+        return _vertex(xs[best - 1:best + 2], ys[best - 1:best + 2], xs[best], ys[best])
+    if name == "cubic5":
+        idx = window(xs, best, CUBIC_POINTS)
+    else:
+        idx = _gcv_window(xs, ys, best)
+    return _cubic_minimum(xs[idx], ys[idx], xs[best], ys[best])
 
 
 def spline_minimum(xs, ys) -> Optimum:
@@ -96,21 +108,19 @@ def spline_minimum(xs, ys) -> Optimum:
     return _vertex(fine[k - 1:k + 2], values[k - 1:k + 2], fine[k], values[k])  # between the samples
 
 
-def _gcv_vertex(xs: np.ndarray, ys: np.ndarray, best: int) -> Optimum:
-    """quadgcv: the vertex of the convex window of GCV_WINDOWS with the lowest GCV score."""
+def _gcv_window(xs: np.ndarray, ys: np.ndarray, best: int) -> np.ndarray:
+    """cubicgcv: of GCV_WINDOWS (as many as there are points), the window whose cubic has the lowest GCV score."""
     choice = None
     for k in GCV_WINDOWS:
         if k > xs.size:
             break
         idx = window(xs, best, k)
-        a, b, c = parabola(xs[idx], ys[idx])
-        resid = ys[idx] - np.polyval((a, b, c), xs[idx])
-        score = float(resid @ resid / k) / (1 - 3 / k) ** 2
-        if a > 0 and (choice is None or score < choice[0]):
+        coeffs = polyfit(xs[idx], ys[idx], 3)
+        resid = ys[idx] - np.polyval(coeffs, xs[idx])
+        score = float(resid @ resid / k) / (1 - 4 / k) ** 2
+        if choice is None or score < choice[0]:
             choice = (score, idx)
-    if choice is None:
-        return Optimum(float(xs[best]), float(ys[best]), "concave")
-    return _vertex(xs[choice[1]], ys[choice[1]], xs[best], ys[best])
+    return choice[1]
 
 
 def window(xs: np.ndarray, best: int, points: int) -> np.ndarray:
@@ -121,7 +131,7 @@ def window(xs: np.ndarray, best: int, points: int) -> np.ndarray:
 
 def _vertex(wx: np.ndarray, wy: np.ndarray, best_x: float, best_y: float) -> Optimum:
     """The least-squares parabola's vertex, kept inside the window; the best point if it opens downward."""
-    a, b, c = parabola(wx, wy)
+    a, b, c = polyfit(wx, wy, 2)
     if not a > 0:
         return Optimum(float(best_x), float(best_y), "concave")
     x = -b / (2 * a)
@@ -131,13 +141,37 @@ def _vertex(wx: np.ndarray, wy: np.ndarray, best_x: float, best_y: float) -> Opt
     return Optimum(x, float(np.polyval((a, b, c), x)), flag)
 
 
-def parabola(wx: np.ndarray, wy: np.ndarray) -> tuple[float, float, float]:
-    """(a, b, c) of the least-squares a x^2 + b x + c (exact through 3 points), centred for conditioning."""
+def _cubic_minimum(wx: np.ndarray, wy: np.ndarray, best_x: float, best_y: float) -> Optimum:
+    """The least-squares cubic's local minimum, kept inside the window; the best point if it has none.
+    d x^3 + a x^2 + b x + c has its derivative's roots where 3d x^2 + 2a x + b = 0; the one where the curve
+    turns upward (6d x + 2a = 2 sqrt(disc) > 0) is (sqrt(disc) - a) / (3d) = -b / (a + sqrt(disc)), the
+    second form exact for a parabola (d = 0) and free of cancellation when d is small."""
+    d, a, b, c = polyfit(wx, wy, 3)
+    disc = a * a - 3 * d * b
+    if disc <= 0:
+        return Optimum(float(best_x), float(best_y), "concave")
+    root = math.sqrt(disc)
+    if a + root != 0:
+        x = -b / (a + root)
+    elif d != 0:
+        x = (root - a) / (3 * d)
+    else:  # a flat or downward parabola
+        return Optimum(float(best_x), float(best_y), "concave")
+    lo, hi = float(wx.min()), float(wx.max())
+    flag = "clipped" if not lo <= x <= hi else ""
+    x = float(np.clip(x, lo, hi))
+    return Optimum(x, float(np.polyval((d, a, b, c), x)), flag)
+
+
+def polyfit(wx: np.ndarray, wy: np.ndarray, degree: int) -> tuple[float, ...]:
+    """Least-squares polynomial coefficients, highest power first (np.polyval's order), fitted in x - mean(x)
+    for conditioning and expanded back."""
     mid = float(wx.mean())
-    u = wx - mid
-    design = np.stack([u * u, u, np.ones_like(u)], axis=1)
-    a, b, c = np.linalg.solve(design.T @ design, design.T @ wy)
-    return float(a), float(b - 2 * a * mid), float(c - b * mid + a * mid * mid)
+    centred = Polynomial.fit(wx - mid, wy, degree, domain=[-1, 1], window=[-1, 1])  # in u = x - mid
+    shifted = centred(Polynomial([-mid, 1.0]))  # the same polynomial in x
+    coeffs = np.zeros(degree + 1)
+    coeffs[:len(shifted.coef)] = shifted.coef
+    return tuple(float(v) for v in coeffs[::-1])
 
 
 @lru_cache(maxsize=256)

@@ -10,7 +10,7 @@ core/transfer_report.py prints and draws the result. For every key (parametrisat
 1. **Curves**: per width and seed, the final loss against x = log2(LR). A run that diverged (non-finite loss)
    or ended at or above the unigram entropy of the validation tokens (no better than token frequencies: it
    diverged or never trained) is left out of its curve and listed under `excluded` with the rule.
-2. **eta\\*** of every curve by each estimator of core/optimum.py (quad3, quad5, quadgcv), with its flag.
+2. **eta\\*** of every curve by each estimator of core/optimum.py (quad3, cubic5, cubicgcv), with its flag.
 3. **Drift**, per estimator: per seed, the least-squares slope of log2 eta* against log2 width (a seed is one
    replicate of the whole sweep: the same data order at every width, so the slopes pair the widths); the
    drift is the mean over seeds with a Student-t interval (seeds - 1 degrees of freedom). 0: the optimum
