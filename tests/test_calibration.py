@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script (--mutations) from anywhere
 from core import calibration, optimum, transfer
 from core.sweep import read_csv
 
