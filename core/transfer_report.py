@@ -57,9 +57,10 @@ def _report_key(key: str, v: dict) -> list[str]:
     if flags:
         lines.append(flags)
     if v["excluded"]:
-        rules = sorted({e["rule"].split(" ")[0] for e in v["excluded"]})
-        lines.append(f"  excluded as diverged: {len(v['excluded'])} run(s) ({', '.join(rules)} loss: non-finite, or "
-                     f"at or above the unigram entropy {v['unigram_entropy'] or math.nan:.4f})")
+        non_finite = sum(e["rule"] == "non-finite loss" for e in v["excluded"])
+        lines.append(f"  excluded as diverged: {len(v['excluded'])} run(s), {non_finite} with a non-finite loss and "
+                     f"{len(v['excluded']) - non_finite} at or above the unigram entropy "
+                     f"{v['unigram_entropy'] or math.nan:.4f} (the rule of core/transfer.py `curves`)")
     if "vs_SP" in v:
         lines += _report_vs_sp(v["vs_SP"], ref)
     for reason in v["reasons"]:
