@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from core.attention import BLOCK_SIZE
 from core.data import BUILTIN_CORPORA
+from core.depth_mup import DEPTH_MISTAKES, DEPTH_MUP_CHOICES
 from core.mup import MUP_MISTAKES
 
 
@@ -38,6 +39,10 @@ class TrainConfig:
     coord_check_every: int = 1        # ... every N steps (steps 0..coord_check_steps)
     coord_check_steps: int = 10       # how many first steps the coordinate check records
     mup_mistake: str | None = None    # experiments only: apply a known muP mistake (core/mup.py MUP_MISTAKES), needs --mup
+    # --- depth muP (core/depth_mup.py) --------------------------------------------------------
+    depth_mup: str = "off"            # off | completep (alpha 1) | sqrt (alpha 0.5): residual branches x (L0/L)^alpha, LR and Adam eps per core/depth_mup.py
+    base_depth: int | None = None     # depth-muP base depth L0: hyperparameters tuned there transfer to --depth
+    depth_mistake: str | None = None  # experiments only: apply a known depth-muP mistake (core/depth_mup.py DEPTH_MISTAKES), needs --depth-mup
     # --- data --------------------------------------------------------------------------------
     data: str | None = None           # a built-in corpus: embedded (GPT-2 tokens) | embedded-bytes (UTF-8 bytes, the CPU muP lab)
     data_dir: str | None = None       # folder with fineweb_{train,val}_*.bin; None: data/fineweb10B, else embedded corpus
@@ -122,10 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help=help_text)
         elif f.name == "wandb_tags":
             p.add_argument(name, nargs="*", default=[], help=help_text)
-        elif f.name in ("device", "compile", "fp8", "chunked_loss", "nan_policy", "data", "mup_mistake"):
+        elif f.name in ("device", "compile", "fp8", "chunked_loss", "nan_policy", "data", "mup_mistake", "depth_mup",
+                        "depth_mistake"):
             choices = {"device": ["auto", "cpu", "cuda"], "compile": ["auto", "true", "false"],
                        "fp8": ["auto", "on", "off"], "chunked_loss": ["auto", "on", "off"], "nan_policy": ["abort", "skip"],
-                       "data": list(BUILTIN_CORPORA), "mup_mistake": sorted(MUP_MISTAKES)}[f.name]
+                       "data": list(BUILTIN_CORPORA), "mup_mistake": sorted(MUP_MISTAKES),
+                       "depth_mup": list(DEPTH_MUP_CHOICES), "depth_mistake": sorted(DEPTH_MISTAKES)}[f.name]
             p.add_argument(name, choices=choices, default=f.default, help=help_text)
         else:
             base = str(f.type).replace(" | None", "")
@@ -213,6 +220,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
          f"{max(cfg.head_dim, cfg.width // cfg.head_dim * cfg.head_dim)} or {(cfg.width // cfg.head_dim + 1) * cfg.head_dim}")
     need(cfg.head_dim % 4 == 0, f"--head-dim must be a multiple of 4 (half-truncated RoPE), got {cfg.head_dim}")
     need(cfg.depth % 2 == 0, f"--depth must be even (U-net skips pair the blocks), got {cfg.depth}")
+    check_depth_mup(cfg)
     if cfg.base_width is not None and not cfg.mup:
         raise ConfigError("--base-width only has a meaning with --mup: add --mup, or drop --base-width")
     if cfg.mup_mistake is not None:
@@ -256,6 +264,32 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.resume is not None and cfg.resume != "auto":
         need(os.path.exists(cfg.resume), f"--resume {cfg.resume}: no such file or folder; pass a checkpoint "
                                          "(logs/<run>/checkpoints/step_*.pt), a run folder, or auto")
+
+
+def check_depth_mup(cfg: TrainConfig) -> None:
+    """--depth-mup, --base-depth and --depth-mistake together (after --depth itself was checked)."""
+    if cfg.depth_mup not in DEPTH_MUP_CHOICES:
+        raise ConfigError(f"--depth-mup {cfg.depth_mup!r}: choose one of {list(DEPTH_MUP_CHOICES)}")
+    if cfg.depth_mup == "off":
+        if cfg.base_depth is not None:
+            raise ConfigError("--base-depth only has a meaning with --depth-mup: add --depth-mup completep (CompleteP, "
+                              "alpha 1) or --depth-mup sqrt (alpha 0.5), or drop --base-depth")
+        if cfg.depth_mistake is not None:
+            raise ConfigError(f"--depth-mistake {cfg.depth_mistake} is a negative control of depth muP: it needs "
+                              "--depth-mup completep|sqrt --base-depth L0")
+        return
+    if cfg.base_depth is None:
+        raise ConfigError(f"--depth-mup {cfg.depth_mup} needs --base-depth L0 (the depth where the hyperparameters "
+                          f"were tuned; --base-depth {cfg.depth} gives the standard model)")
+    if cfg.base_depth < 2 or cfg.base_depth % 2:
+        raise ConfigError(f"--base-depth must be an even number >= 2 (the base model must exist: U-net skips pair "
+                          f"its blocks), got {cfg.base_depth}; e.g. --base-depth {max(2, cfg.base_depth // 2 * 2)}")
+    if cfg.base_depth > cfg.depth:
+        raise ConfigError(f"--base-depth {cfg.base_depth} is larger than --depth {cfg.depth}: the base depth is the "
+                          f"shallow model the hyperparameters were tuned on; use --base-depth <= {cfg.depth}, or a "
+                          f"--depth of at least {cfg.base_depth}")
+    if cfg.depth_mistake is not None and cfg.depth_mistake not in DEPTH_MISTAKES:
+        raise ConfigError(f"--depth-mistake {cfg.depth_mistake!r}: choose one of {sorted(DEPTH_MISTAKES)}")
 
 
 def check_dist_timeout(seconds: float | None, given_as: str | None = None) -> None:

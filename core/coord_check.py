@@ -55,6 +55,7 @@ from core.data import BUILTIN_CORPORA, BatchLoader, resolve_data
 from core.logger import log_summary_run
 from core.model import sequence_len_ok
 from core.monitor import row_abs_means
+from core.depth_mup import ALPHAS, DEPTH_MISTAKES
 from core.mup import MUP_MISTAKES
 from core.optimizers import ORTHOGONALIZERS
 from core.steps import build_model, build_optimizer_pair, forward_backward, set_schedules
@@ -69,6 +70,9 @@ ZERO_OK_STEPS = 2         # steps 0 and 1 may be exactly zero (zero init; zero r
 
 class CoordRecorder:
     """Forward hooks that accumulate mean |x| per layer type, attached only while recording."""
+
+    TYPES = LAYER_TYPES    # what `_modules` yields, plus `logits` (from the readout)
+    DELTAS = DELTA_TYPES   # the `_delta` types `delta_row` computes
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -97,8 +101,8 @@ class CoordRecorder:
         Sizes are reduced row chunk by row chunk (core/monitor.py `row_abs_means`): no full-size temporary.
         The readout reports z in parts through `observe` (whole, or in the chunked loss's row chunks).
         """
-        self._sums = {t: [] for t in LAYER_TYPES}
-        self._outputs = {t: [] for t in LAYER_TYPES}
+        self._sums = {t: [] for t in self.TYPES}
+        self._outputs = {t: [] for t in self.TYPES}
         handles = []
         for kind, module in self._modules():
             if kind == "readout":
@@ -141,7 +145,7 @@ class CoordRecorder:
 
     def finish_step(self, step: int) -> dict[str, float]:
         """Average over layers and micro-batches; one read-back for all types."""
-        kinds = [k for k in LAYER_TYPES if self._sums.get(k)]
+        kinds = [k for k in self.TYPES if self._sums.get(k)]
         if not kinds:
             raise RuntimeError("the coordinate check recorded nothing this step: the forward ran outside "
                                "`recording()` or on a compiled module whose graph ignores the hooks; run the "
@@ -155,9 +159,9 @@ class CoordRecorder:
         return {f"CoordCheck/{k}": v for k, v in row.items()}
 
     def delta_row(self, init: "CoordRecorder") -> dict[str, float]:
-        """Mean |x_t - x_0| per DELTA_TYPES kind: this recorder's kept outputs against `init`'s on the same input."""
+        """Mean |x_t - x_0| per DELTAS kind: this recorder's kept outputs against `init`'s on the same input."""
         row = {}
-        for kind in (d[:-len("_delta")] for d in DELTA_TYPES):
+        for kind in (d[:-len("_delta")] for d in self.DELTAS):
             mine, theirs = self._outputs.get(kind, []), init._outputs.get(kind, [])
             if mine and len(mine) == len(theirs):
                 row[f"{kind}_delta"] = torch.stack([(a - b).abs().mean() for a, b in zip(mine, theirs)]).mean().item()
@@ -179,15 +183,17 @@ class CoordRecorder:
 
 
 def check_config(width: int, base_width: int, use_mup: bool, seed: int, seq_len: int, depth: int, head_dim: int,
-                 vocab=None, mistake: str | None = None):
+                 vocab=None, mistake: str | None = None, *, depth_mup: str = "off", base_depth: int | None = None,
+                 depth_mistake: str | None = None):
     """One coordinate-check run: the CPU defaults (eager, no FP8), one packed sequence of `seq_len` tokens
     per step, a constant LR (no cooldown within the few steps), spectral norms and activation hooks off.
-    `vocab` (core.data.Vocab): the data's (None: GPT-2); `mistake`: a muP negative control (core/mup.py)."""
+    `vocab` (core.data.Vocab): the data's (None: GPT-2); `mistake`: a muP negative control (core/mup.py);
+    `depth_mup`, `base_depth`, `depth_mistake`: the depth rule (core/depth_mup.py)."""
     cfg = TrainConfig(width=width, depth=depth, head_dim=head_dim, seq_len=seq_len, batch_tokens=seq_len,
                       val_seq_len=seq_len, iterations=1000, cooldown_frac=0.0, seed=seed, mup=use_mup,
                       base_width=base_width if use_mup else None, spectral_every=0, activations=False,
                       vocab_size=vocab.size if vocab else None, bos_id=vocab.bos_id if vocab else None,
-                      mup_mistake=mistake)
+                      mup_mistake=mistake, depth_mup=depth_mup, base_depth=base_depth, depth_mistake=depth_mistake)
     return resolve_defaults(cfg, "cpu", env={})
 
 
@@ -220,39 +226,51 @@ def measure(widths: list[int], steps: int, seeds: list[int], *, use_mup: bool, s
         out[width] = {}
         for seed in seeds:
             cfg = check_config(width, base, use_mup, seed, seq_len, depth, head_dim, source.vocab, mistake)
-            model = build_model(cfg, torch.device(device))
-            init_model = copy.deepcopy(model).eval()
-            adam, muon, _ = build_optimizer_pair(model, cfg)
-            muon.orthogonalize = ORTHOGONALIZERS[orthogonalizer]
-            loader = BatchLoader(source.train_files, seq_len, 1, device=device, vocab=source.vocab)
-            if fixed_batch:
-                loader = _RepeatFirstBatch(loader)
-            rec, rec0 = CoordRecorder(model), CoordRecorder(init_model)
-            for step in range(steps):
-                batches = loader.next_step()
-                with rec.recording(keep=True):  # eager steps: the chunked loss (core/chunked_loss.py)
-                    forward_backward(model, batches, 1, 1, chunked=True)
-                with rec0.recording(keep=True), torch.no_grad():
-                    for inputs, targets in batches:
-                        init_model(inputs, targets, 1, chunked=True)
-                rec.finish_step(step)
-                rec.delta_row(rec0)
-                set_schedules(cfg, [adam, muon], muon, step)
-                adam.step()
-                muon.step()
-                model.zero_grad(set_to_none=True)
-            out[width][seed] = [{k: r[k] for k in LAYER_TYPES + DELTA_TYPES if k in r} for r in rec.rows]
+            out[width][seed] = record_run(cfg, source, steps, fixed_batch=fixed_batch, orthogonalizer=orthogonalizer,
+                                          device=device)
         name = "SP " if not use_mup else (f"muP + mistake {mistake}" if mistake else "muP")
         log(f"  {name} width {width}: done ({len(seeds)} seed(s) x {steps} steps)")
     return out
 
 
-def slopes(sizes: dict, steps: int) -> dict[str, list[float | None]]:
-    """Per layer type and step: slope of log(size) vs log(width), averaged over seeds. None when all zero."""
+def record_run(cfg, source, steps: int, *, recorder=CoordRecorder, extra=None, fixed_batch: bool = False,
+               orthogonalizer: str = "ns5", device: str = "cpu") -> list[dict]:
+    """Train `cfg` `steps` steps on `source`'s batches; one row {type: size} per step, recorded by `recorder`, its
+    `_delta` types against a frozen copy of the initial model on the same batches. `extra(model, init_model)`
+    adds entries to each row (the depth check's per-block update). Row t describes the model after t updates."""
+    model = build_model(cfg, torch.device(device))
+    init_model = copy.deepcopy(model).eval()
+    adam, muon, _ = build_optimizer_pair(model, cfg)
+    muon.orthogonalize = ORTHOGONALIZERS[orthogonalizer]
+    loader = BatchLoader(source.train_files, cfg.seq_len, 1, device=device, vocab=source.vocab)
+    if fixed_batch:
+        loader = _RepeatFirstBatch(loader)
+    rec, rec0 = recorder(model), recorder(init_model)
+    for step in range(steps):
+        batches = loader.next_step()
+        with rec.recording(keep=True):  # eager steps: the chunked loss (core/chunked_loss.py)
+            forward_backward(model, batches, 1, 1, chunked=True)
+        with rec0.recording(keep=True), torch.no_grad():
+            for inputs, targets in batches:
+                init_model(inputs, targets, 1, chunked=True)
+        rec.finish_step(step)
+        rec.delta_row(rec0)
+        if extra is not None:
+            rec.rows[-1].update(extra(model, init_model))
+        set_schedules(cfg, [adam, muon], muon, step)
+        adam.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+    return [{k: v for k, v in r.items() if k != "step"} for r in rec.rows]
+
+
+def slopes(sizes: dict, steps: int, kinds: tuple[str, ...] = LAYER_TYPES + DELTA_TYPES) -> dict[str, list[float | None]]:
+    """Per layer type and step: slope of log(size) vs log(width) (or depth: the keys of `sizes`), averaged over
+    seeds. None when all zero."""
     widths = sorted(sizes)
     seeds = list(sizes[widths[0]])
     result = {}
-    for kind in LAYER_TYPES + DELTA_TYPES:
+    for kind in kinds:
         per_step = []
         for step in range(steps):
             seed_slopes = []
@@ -272,34 +290,38 @@ def slopes(sizes: dict, steps: int) -> dict[str, list[float | None]]:
     return result
 
 
-def verdict(slope_table: dict[str, list[float | None]]) -> dict[str, tuple[bool, float]]:
-    """{type: (passed, worst slope)} over steps >= 1: |slope| <= SLOPE_TOL at every step, and from step
+def verdict(slope_table: dict[str, list[float | None]],
+            expected: dict[str, float] | None = None) -> dict[str, tuple[bool, float]]:
+    """{type: (passed, worst slope)} over steps >= 1: |slope - expected slope| <= SLOPE_TOL at every step (the
+    expected slope is 0, flat, unless `expected` names it: the depth check's sqrt rule), and from step
     ZERO_OK_STEPS on never exactly zero at every width (worst slope reported as nan then). INFO_TYPES pass."""
     out = {}
     for kind, per_step in slope_table.items():
         if kind.endswith("_delta") and all(s is None for s in per_step):
             continue  # not recorded (train.py --coord-check records sizes only)
+        want = (expected or {}).get(kind, 0.0)
         zero_late = any(s is None for s in per_step[ZERO_OK_STEPS:])
         vals = [s for s in per_step[1:] if s is not None]
-        worst = max(vals, key=abs) if vals else math.nan
-        ok = kind in INFO_TYPES or (not zero_late and bool(vals) and abs(worst) <= SLOPE_TOL)
+        worst = max(vals, key=lambda v: abs(v - want)) if vals else math.nan
+        ok = kind in INFO_TYPES or (not zero_late and bool(vals) and abs(worst - want) <= SLOPE_TOL)
         out[kind] = (ok, math.nan if zero_late and kind not in INFO_TYPES else worst)
     return out
 
 
-def _plotted_types(results: dict) -> list[str]:
+def _plotted_types(results: dict, kinds: tuple[str, ...] = LAYER_TYPES + DELTA_TYPES) -> list[str]:
     present = {k for sizes in results.values() for per_seed in sizes.values() for rows in per_seed.values()
                for row in rows for k in row}
-    return [k for k in LAYER_TYPES + DELTA_TYPES if k in present]
+    return [k for k in kinds if k in present]
 
 
-def plot(results: dict, steps: int, path: Path) -> Path:
-    """One panel per layer type and parametrisation: size vs width (log-log), one line per step."""
+def plot(results: dict, steps: int, path: Path, axis: str = "width",
+         kinds: tuple[str, ...] = LAYER_TYPES + DELTA_TYPES) -> Path:
+    """One panel per layer type and parametrisation: size vs width (or depth; log-log), one line per step."""
     import matplotlib  # here, not at the top: only the multi-width check plots, and matplotlib is slow to import
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     params = list(results)
-    kinds = _plotted_types(results)
+    kinds = _plotted_types(results, kinds)
     fig, axes = plt.subplots(len(params), len(kinds), figsize=(2.6 * len(kinds), 2.5 * len(params)), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for r, name in enumerate(params):
@@ -321,12 +343,12 @@ def plot(results: dict, steps: int, path: Path) -> Path:
                 mid, half = math.sqrt(lo * hi), max(math.sqrt(hi / lo), 2.0)
                 ax.set_ylim(mid / half / 1.1, mid * half * 1.1)
             ax.set_title(f"{name}: {kind}", fontsize=8)
-            ax.set_xlabel("width", fontsize=7)
+            ax.set_xlabel(axis, fontsize=7)
             if c == 0:
                 ax.set_ylabel("mean |x|", fontsize=7)
             ax.tick_params(labelsize=6)
     axes[0][-1].legend(fontsize=5, loc="best")
-    fig.suptitle("Coordinate check: activation size vs width (flat = width-independent; _delta: change since init)",
+    fig.suptitle(f"Coordinate check: size vs {axis} (flat = {axis}-independent; _delta: change since init)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -364,8 +386,9 @@ def passed(verdicts: dict[str, tuple[bool, float]]) -> bool:
     return all(ok for ok, _ in verdicts.values())
 
 
-def format_report(report: dict) -> str:
-    kinds = [k for k in LAYER_TYPES + DELTA_TYPES if any(k in report[n]["verdict"] for n in report)]
+def format_report(report: dict, axis: str = "width", kinds: tuple[str, ...] = LAYER_TYPES + DELTA_TYPES,
+                  expected: dict[str, float] | None = None) -> str:
+    kinds = [k for k in kinds if any(k in report[n]["verdict"] for n in report)]
     lines = [f"{'layer type':<15} " + "  ".join(f"{n[:22]:>22} {'':<4}" for n in report)]
     for kind in kinds:
         cells = []
@@ -375,16 +398,114 @@ def format_report(report: dict) -> str:
             cells.append(f"{worst:>+22.3f} {label}" if math.isfinite(worst) else f"{'zero':>22} {label}")
         lines.append(f"{kind:<15} " + "  ".join(cells))
     for name in report:
+        want = "" if expected is None else (" of its expected slope (" + (", ".join(
+            f"{k} {v:+g}" for k, v in expected.items() if v) or "0 for every type") + ")")
         lines.append(f"{name}: {'PASS' if passed(report[name]['verdict']) else 'FAIL'} (worst slope of log size vs "
-                     f"log width over steps >= 1; every judged type must stay within +-{SLOPE_TOL} and must not be "
-                     f"exactly zero from step {ZERO_OK_STEPS} on; readout is reported only)")
+                     f"log {axis} over steps >= 1; every judged type must stay within +-{SLOPE_TOL}{want} and must "
+                     f"not be exactly zero from step {ZERO_OK_STEPS} on; readout is reported only)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-depth check (depth muP, core/depth_mup.py)
+
+DEPTH_TYPES = ("block_update", "stream", "stream_delta", "readout", "logits")
+DEPTH_RULE_CHOICES = tuple(ALPHAS)
+
+
+class DepthRecorder(CoordRecorder):
+    """The depth check's activations: the final residual stream (the last block's output, which the final RMS norm
+    reads) and the readout/logits. `block_update` comes from the weights (`block_update`)."""
+
+    TYPES = ("stream", "readout", "logits")
+    DELTAS = ("stream_delta",)  # the logits start at zero (zero lm_head): their change since init is their size
+
+    def _modules(self):
+        yield "stream", self.model.blocks[-1]
+        yield "readout", self.model.lm_head
+
+
+def block_update(model, init_model) -> dict[str, float]:
+    """Per-block update size: the RMS of W_t - W_0 over each block's hidden matrices (attention qkv and output,
+    MLP in and out), averaged over the blocks. Absolute, not relative to W_0: the output projections start at
+    zero, and the input ones get no gradient until they are nonzero (the branch is 0 at init), so a relative
+    size would be exactly zero for the first steps. Muon's update has an RMS set by its LR whatever the depth,
+    so the slope on log depth is the LR rule's exponent alpha - 1 (`depth_expected`)."""
+    sizes = []
+    with torch.no_grad():
+        for block, block0 in zip(model.blocks, init_model.blocks):
+            pairs = [(block.mlp.c_fc.weight, block0.mlp.c_fc.weight), (block.mlp.c_proj.weight, block0.mlp.c_proj.weight)]
+            if block.attn is not None:
+                pairs += [(block.attn.qkv_w, block0.attn.qkv_w), (block.attn.c_proj.weight, block0.attn.c_proj.weight)]
+            sizes += [(w - w0).pow(2).mean().sqrt() for w, w0 in pairs]
+    return {"block_update": torch.stack(sizes).mean().item()}
+
+
+def depth_expected(rule: str) -> dict[str, float]:
+    """The slope vs log depth each type must show under `rule` (0 where not named): the per-block update falls as
+    m_L^(alpha-1) (0 for CompleteP; -0.5 for the sqrt rule, lazy by design), everything else is flat."""
+    return {"block_update": ALPHAS[rule] - 1.0}
+
+
+def measure_depths(depths: list[int], steps: int, seeds: list[int], *, rule: str, base_depth: int | None = None,
+                   width: int = 64, mistake: str | None = None, seq_len: int = 256, head_dim: int = 32,
+                   fixed_batch: bool = False, orthogonalizer: str = "ns5", device: str = "cpu",
+                   data: str | None = None, log=print) -> dict:
+    """{depth: {seed: [ {type: size} per step ]}} for training `steps` steps at each depth and one width, under
+    the depth rule `rule` ("off": the standard parametrisation in depth) with base depth `base_depth` (default the
+    smallest depth). Width muP is off: the width is fixed. Otherwise as `measure`."""
+    source = resolve_data(None, data=data)
+    base = base_depth or min(depths)
+    out = {}
+    for depth in depths:
+        out[depth] = {}
+        for seed in seeds:
+            cfg = check_config(width, width, False, seed, seq_len, depth, head_dim, source.vocab, depth_mup=rule,
+                               base_depth=base if rule != "off" else None, depth_mistake=mistake)
+            out[depth][seed] = record_run(cfg, source, steps, recorder=DepthRecorder, extra=block_update,
+                                          fixed_batch=fixed_batch, orthogonalizer=orthogonalizer, device=device)
+        name = "SP in depth" if rule == "off" else (f"{rule} + mistake {mistake}" if mistake else rule)
+        log(f"  {name} depth {depth}: done ({len(seeds)} seed(s) x {steps} steps)")
+    return out
+
+
+def depth_parametrisations(rule: str, mistakes: list[str] | None = None) -> list[tuple[str, str, str | None]]:
+    """(name, depth rule, mistake): the rule, SP in depth (`off`), then one negative control per mistake."""
+    return [(rule, rule, None), ("SP", "off", None)] + [(f"mistake:{m}", rule, m) for m in (mistakes or [])]
+
+
+def run_depth_check(depths: list[int], steps: int, seeds: list[int], out_dir: Path, *, rule: str = "completep",
+                    mistakes: list[str] | None = None, log=print, **setup) -> dict:
+    """The rule, SP in depth and each depth mistake, all judged against the rule's expected slopes
+    (`depth_expected`); writes depth_check.png and depth_check.json; returns the verdicts. `setup`: measure_depths'
+    keyword arguments (base_depth, width, seq_len, head_dim, fixed_batch, orthogonalizer, device, data)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, report, expected = {}, {}, depth_expected(rule)
+    for name, depth_rule, mistake in depth_parametrisations(rule, mistakes):
+        results[name] = measure_depths(depths, steps, seeds, rule=depth_rule, mistake=mistake, log=log, **setup)
+        table = slopes(results[name], steps, DEPTH_TYPES)
+        report[name] = {"slopes": table, "verdict": verdict(table, expected)}
+    plot(results, steps, out_dir / "depth_check.png", axis="depth", kinds=DEPTH_TYPES)
+    with open(out_dir / "depth_check.json", "w") as f:
+        json.dump({"depths": depths, "steps": steps, "seeds": seeds, "rule": rule, "setup": setup,
+                   "slope_tol": SLOPE_TOL, "expected": expected,
+                   "sizes": {n: {str(d): v for d, v in r.items()} for n, r in results.items()},
+                   "report": report}, f, indent=1)
+    return report
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m core.coord_check",
                                 description="Coordinate check of muP vs the standard parametrisation across widths.")
     p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
+    p.add_argument("--depths", type=int, nargs="+", default=None,
+                   help="the depth check instead of the width check (depth muP, core/depth_mup.py): these depths "
+                        "at one --width, judged under --depth-mup against SP in depth and each --depth-mistakes")
+    p.add_argument("--width", type=int, default=64, help="the depth check's width")
+    p.add_argument("--depth-mup", choices=list(DEPTH_RULE_CHOICES), default="completep", help="the depth check's rule")
+    p.add_argument("--base-depth", type=int, default=None, help="the depth check's base depth (default: the smallest)")
+    p.add_argument("--depth-mistakes", nargs="*", default=[], choices=sorted(DEPTH_MISTAKES), metavar="MISTAKE",
+                   help=f"depth negative controls to check (each must FAIL): {', '.join(sorted(DEPTH_MISTAKES))}")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3, help="number of seeds to average the slopes over")
     p.add_argument("--seq-len", type=int, default=4096,
@@ -422,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--seq-len {a.seq_len} must be a positive multiple of {BLOCK_SIZE} (the attention block size)")
     if a.device not in ("cpu", "cuda") or (a.device == "cuda" and not torch.cuda.is_available()):
         p.error(f"--device {a.device!r}: use cpu" + ("" if torch.cuda.is_available() else " (no CUDA device here)"))
+    if a.depths is not None:
+        return depth_main(p, a)
     out_dir = Path(a.out_dir)
     report = run_check(sorted(a.widths), a.steps, list(range(a.seeds)), out_dir, seq_len=a.seq_len,
                        depth=a.depth, head_dim=a.head_dim, fixed_batch=a.fixed_batch,
@@ -435,6 +558,25 @@ def main(argv: list[str] | None = None) -> int:
                         summary={f"verdict/{n}": "PASS" if passed(r["verdict"]) else "FAIL" for n, r in report.items()},
                         required=a.use_wandb == "true")
     return 0 if passed(report["muP"]["verdict"]) else 1
+
+
+def depth_main(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
+    """`--depths ...`: the depth check; exit 0 iff the rule passes against its expected slopes."""
+    depths = sorted(a.depths)
+    if len(depths) < 2 or any(d < 2 or d % 2 for d in depths):
+        p.error(f"--depths needs at least two even depths >= 2 (U-net skips pair the blocks), got {a.depths}")
+    if a.width <= 0 or a.width % a.head_dim:
+        p.error(f"--width {a.width} must be a positive multiple of --head-dim {a.head_dim}")
+    if a.base_depth is not None and (a.base_depth % 2 or not 2 <= a.base_depth <= depths[0]):
+        p.error(f"--base-depth {a.base_depth} must be even and between 2 and the smallest depth {depths[0]}")
+    out_dir = Path(a.out_dir)
+    report = run_depth_check(depths, a.steps, list(range(a.seeds)), out_dir, rule=a.depth_mup,
+                             mistakes=a.depth_mistakes, base_depth=a.base_depth, width=a.width, seq_len=a.seq_len,
+                             head_dim=a.head_dim, fixed_batch=a.fixed_batch, orthogonalizer=a.orthogonalizer,
+                             device=a.device, data=a.data)
+    print(format_report(report, axis="depth", kinds=DEPTH_TYPES, expected=depth_expected(a.depth_mup)))
+    print(f"plots: {out_dir / 'depth_check.png'}  data: {out_dir / 'depth_check.json'}")
+    return 0 if passed(report[a.depth_mup]["verdict"]) else 1
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Features (each cites the record's author in the reference `train_gpt.py`):
   - untied lm_head (zero init, FP8 matmul on H100 through core/fp8.py) and the logit soft-cap
     30 * sigmoid(z / divisor).
 
-Places where muP changes the model are marked `# muP:`; the rules themselves live in core/mup.py.
+Places where muP changes the model are marked `# muP:`, depth muP `# depth-muP:`; the rules themselves live in
+core/mup.py (width) and core/depth_mup.py (depth: residual-branch and U-net-skip multipliers).
 Shapes are written as comments `# (T, C)`: T tokens of the packed sequence, C = width, H heads, D head dim.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from core import mup
+from core import depth_mup, mup
 from core.attention import BLOCK_SIZE, attend, build_masks
 from core.chunked_loss import chunked_softcap_cross_entropy
 from core.fp8 import fp8_linear
@@ -50,6 +51,9 @@ class GPTConfig:
     mup: bool = False              # muP: readout multiplier and FP8 grad scale follow core/mup.py
     base_width: int | None = None  # muP base width d0 (width_mult = width / base_width)
     mup_mistake: str | None = None # experiments only: a known muP mistake as a negative control (core/mup.py)
+    depth_mup: str = "off"         # depth muP: off | completep | sqrt (core/depth_mup.py)
+    base_depth: int | None = None  # depth-muP base depth L0 (m_L = depth / base_depth)
+    depth_mistake: str | None = None  # experiments only: a known depth-muP mistake (core/depth_mup.py)
     no_attn_layers: tuple[int, ...] | None = None  # None: layer 7 of a 12-layer model, as in the record
 
     def __post_init__(self):
@@ -59,6 +63,10 @@ class GPTConfig:
             raise ValueError(f"width ({self.width}) must be a positive multiple of head_dim ({self.head_dim})")
         if self.head_dim % 4:
             raise ValueError(f"head_dim must be a multiple of 4 for half-truncated RoPE, got {self.head_dim}")
+        if self.depth_mup not in depth_mup.DEPTH_MUP_CHOICES:
+            raise ValueError(f"depth_mup must be one of {depth_mup.DEPTH_MUP_CHOICES}, got {self.depth_mup!r}")
+        if self.depth_mup != "off" and not (self.base_depth and self.base_depth >= 2 and self.base_depth % 2 == 0):
+            raise ValueError(f"depth_mup {self.depth_mup} needs an even base_depth >= 2, got {self.base_depth}")
         if self.no_attn_layers is None:
             # The record drops the attention of block 7 (@YouJiacheng); tuned only for 12 layers.
             self.no_attn_layers = (7,) if self.depth == 12 else ()
@@ -182,12 +190,18 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(cfg) if cfg.has_attention(layer) else None
         self.mlp = MLP(cfg)
+        # depth-muP: (L0/L)^alpha on both residual branches (CompleteP); 1 without depth muP
+        self.branch_mult = depth_mup.branch_multiplier(cfg.depth, cfg.base_depth, cfg.depth_mup, cfg.depth_mistake)
+
+    def branch(self, y: Tensor) -> Tensor:
+        # x * 1.0 == x bitwise, so skipping the multiply at 1 (no depth muP, or L == L0) changes no number
+        return y if self.branch_mult == 1.0 else self.branch_mult * y
 
     def forward(self, x, ve, x0, lambdas, attn_lambdas, mask) -> Tensor:
         x = lambdas[0] * x + lambdas[1] * x0
         if self.attn is not None:
-            x = x + self.attn(rms_norm(x), ve, attn_lambdas, mask)
-        return x + self.mlp(rms_norm(x))
+            x = x + self.branch(self.attn(rms_norm(x), ve, attn_lambdas, mask))
+        return x + self.branch(self.mlp(rms_norm(x)))
 
 
 class Readout(nn.Module):
@@ -254,6 +268,8 @@ class GPT(nn.Module):
         self.block_lambdas = nn.Parameter(torch.tensor([[1.0, 0.0]] * cfg.depth))  # mix of x and x0 per block
         self.attn_lambdas = nn.Parameter(torch.tensor([[0.5, 0.5]] * cfg.depth))   # mix of v and value embedding
         self.softcap_divisor = mup.softcap_divisor(cfg.width, cfg.base_width, cfg.mup)  # muP: 7.5*sqrt(d0)
+        # depth-muP: L0/L on every U-net skip (the L/2 skips are correlated copies of the stream); 1 without
+        self.skip_mult = depth_mup.skip_multiplier(cfg.depth, cfg.base_depth, cfg.depth_mup, cfg.depth_mistake)
 
     def param_kinds(self) -> dict[str, str]:
         """Every parameter's kind; core/optimizers.py and core/mup.py key their rules on it."""
@@ -298,7 +314,8 @@ class GPT(nn.Module):
         n = cfg.depth // 2
         for i, block in enumerate(self.blocks):
             if i >= n:
-                x = x + self.skip_weights[i - n] * skips.pop()
+                w = self.skip_weights[i - n] if self.skip_mult == 1.0 else self.skip_mult * self.skip_weights[i - n]
+                x = x + w * skips.pop()
             j = cfg.value_embed_index(i)
             mask = long_mask if cfg.uses_long_window(i) else short_mask
             x = block(x, ve[j] if j is not None else None, x0, self.block_lambdas[i], self.attn_lambdas[i], mask)

@@ -18,7 +18,8 @@ not all-reduce gradients itself, and after `step()` a parameter's `.grad` still 
 (un-averaged) gradient. With `world_size == 1` neither optimizer makes any `torch.distributed` call.
 
 The per-parameter LR multiplier is the attribute `p.lr_mul` (default 1.0) and the weight-decay
-multiplier `p.wd_mul` (default 1.0); both optimizers read them at every step.
+multiplier `p.wd_mul` (default 1.0); both optimizers read them at every step. DistAdam also reads
+`p.eps_mul` (default 1.0), the per-parameter factor on its eps that depth muP sets (core/depth_mup.py).
 """
 from __future__ import annotations
 
@@ -311,7 +312,8 @@ class DistAdam(torch.optim.Optimizer):
         exp_avg_sq.mul_(beta2).addcmul_(g_shard, g_shard, value=1 - beta2)
         bias1 = 1 - beta1 ** t
         bias2_sqrt = math.sqrt(1 - beta2 ** t)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])  # eps before the bias correction, as the record
+        # eps before the bias correction, as the record; x p.eps_mul (depth muP, core/depth_mup.py; default 1)
+        denom = exp_avg_sq.sqrt().add_(group["eps"] * getattr(p, "eps_mul", 1.0))
         p_shard.addcdiv_(exp_avg, denom, value=-lr * bias2_sqrt / bias1)
 
     @torch.no_grad()

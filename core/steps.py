@@ -12,7 +12,7 @@ import resource
 import torch
 import torch.nn as nn
 
-from core import mup
+from core import depth_mup, mup
 from core.config import TrainConfig
 from core.data import GPT2_VOCAB
 from core.distributed import DistInfo, all_reduce_mean
@@ -31,7 +31,9 @@ def model_config(cfg: TrainConfig, fp8_mode: str = "off", max_seq_len: int | Non
                      bos_id=GPT2_VOCAB.bos_id if cfg.bos_id is None else cfg.bos_id,
                      depth=cfg.depth, width=cfg.width, head_dim=cfg.head_dim,
                      max_seq_len=max_seq_len or max(cfg.seq_len, cfg.val_seq_len), fp8=fp8_mode,
-                     mup=cfg.mup, base_width=cfg.base_width if cfg.mup else None, mup_mistake=cfg.mup_mistake)
+                     mup=cfg.mup, base_width=cfg.base_width if cfg.mup else None, mup_mistake=cfg.mup_mistake,
+                     depth_mup=cfg.depth_mup, base_depth=cfg.base_depth if cfg.depth_mup != "off" else None,
+                     depth_mistake=cfg.depth_mistake)
 
 
 def build_model(cfg: TrainConfig, device: torch.device, fp8_mode: str = "off") -> GPT:
@@ -46,8 +48,11 @@ def build_model(cfg: TrainConfig, device: torch.device, fp8_mode: str = "off") -
 
 
 def build_optimizer_pair(model: GPT, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
-    """muP LR multipliers (if --mup) then the record's DistAdam + Muon; returns (adam, muon, mup_table)."""
+    """muP LR multipliers (if --mup), depth-muP LR and eps factors (if --depth-mup), then the record's DistAdam +
+    Muon; returns (adam, muon, mup_table)."""
     table = mup.apply_mup(model, cfg.base_width) if cfg.mup else None
+    if cfg.depth_mup != "off":
+        depth_mup.apply_depth_mup(model)  # its factors are printed from the config (depth_mup.describe)
     # --lr-mult scales every LR of both optimizers together (the swept quantity of a global-LR sweep)
     adam, muon = build_optimizers(model, model.param_kinds(), adam_lr=cfg.adam_lr * cfg.lr_mult,
                                   muon_lr=cfg.muon_lr * cfg.lr_mult, lr_muls=group_lr_muls(cfg), rank=rank,

@@ -28,7 +28,7 @@ import torch
 
 import core.logger
 from core import checkpoint as ckpt_io
-from core import mup
+from core import depth_mup, mup
 from core.compile import describe_compiled, resolve_compile, run_train_tflop
 from core.config import ConfigError, TrainConfig, grad_accum_steps, resolve_defaults, validate
 from core.coord_check import CoordRecorder
@@ -278,6 +278,9 @@ class Trainer:
                     "(a deliberately wrong muP; for experiments only)")
         else:
             log("parametrisation: standard (the record's); use --mup --base-width B for muP")
+        if cfg.depth_mup != "off":
+            for line in depth_mup.describe(cfg.depth, cfg.base_depth, cfg.depth_mup, cfg.depth_mistake).splitlines():
+                log(line)
 
     def _setup_monitoring(self) -> None:
         """Training-health metrics, the coordinate-check recorder (--coord-check) and the non-finite guard."""

@@ -83,6 +83,11 @@ README_COMMANDS: dict[str, list[str] | str] = {
     "--head-dim 32 --data embedded-bytes --out-dir docs/coord_check/bytes_wide":
         ["python -m core.coord_check --widths 32 64 --steps 2 --seeds 2 --seq-len 128 --depth 4 --head-dim 32 "
          "--data embedded-bytes --use-wandb false --out-dir {tmp}/coord_wide"],
+    "python -m core.coord_check --depths 2 4 8 16 --width 32 --head-dim 16 --seq-len 256 --steps 6 --seeds 2 "
+    "--depth-mup completep --depth-mistakes depth-skips-unscaled depth-branch-no-lr --data embedded-bytes":
+        ["python -m core.coord_check --depths 2 4 --width 32 --head-dim 16 --seq-len 128 --steps 2 --seeds 1 "
+         "--depth-mup completep --depth-mistakes depth-skips-unscaled --data embedded-bytes --use-wandb false "
+         "--out-dir {tmp}/depth_check"],
     "python train.py --mup --width 256 --base-width 64 --coord-check":
         [f"python train.py --mup --width 256 --base-width 64 --coord-check {SHORT} {LOGS}"],
     # muP: the transfer lab
@@ -162,7 +167,7 @@ def test_readme_commands_run(tmp_path):
             # exit 1 is the check's FAIL verdict, which 2 steps at these sizes may give; it must reach one
             out_dir = Path(cmd.split("--out-dir ")[1].split()[0])
             ok = (proc.returncode in (0, 1) and ("PASS" in out or "FAIL" in out)
-                  and (out_dir / "coord_check.png").is_file())
+                  and ((out_dir / "coord_check.png").is_file() or (out_dir / "depth_check.png").is_file()))
         elif "core.sweep collect" in cmd:
             sweep_dir = Path(cmd.split("collect ")[1].split()[0])
             ok = proc.returncode == 0 and "csv:" in out and (sweep_dir / "sweep.csv").is_file()
