@@ -4,11 +4,15 @@ Under a correct muP the typical coordinate size (mean |x|) of each layer type's 
 every width, at init and after every training step; under the standard parametrisation some grow
 with width (for this model mainly the logits, since Muon already keeps hidden updates width-free).
 
-Two entry points:
+Three entry points:
   - `CoordRecorder`: used by `train.py --coord-check` to record sizes during a real run;
   - `python -m core.coord_check --widths 64 128 256 512 --steps 10 --seeds 3` (also under its old name
     `python -m core.mup coord-check`): trains each width a few steps on the same data, muP and standard,
-    with the trainer's building blocks (core/steps.py), writes PNG plots and prints a verdict per layer type.
+    with the trainer's building blocks (core/steps.py), writes PNG plots and prints a verdict per layer type;
+  - `python -m core.coord_check --depths 2 4 8 16 32 --width 64 --depth-mup completep --steps 10 --seeds 3
+    --seq-len 256 --data embedded-bytes [--base-depth 2] [--depth-mistakes depth-skips-unscaled ...]`: the same
+    across depths at one width (depth muP, core/depth_mup.py), see "Depth check" below. Exit code 0 iff the
+    chosen rule passes.
 
 Tokens per step matter. The hidden output projections start at zero and the readout too, so the first
 nonzero attention/MLP outputs (step 2) come from ONE orthogonalised update whose row space is spanned
@@ -33,6 +37,24 @@ type that shrinks with width fails as one that grows does; `readout` is reported
 projections, readout) are exactly zero; at step 1 the hidden ones still are (a zero readout gives the
 hidden layers a zero gradient at step 0). From step 2 on, a type that is exactly zero at every width
 FAILS: it is not learning, whatever its slope would be.
+
+Depth check (`--depths`; `run_depth_check`). Each depth trains at one width under the chosen rule (base depth
+L0: --base-depth, default the smallest depth), under SP in depth (`--depth-mup off`: the record's model, no
+depth factor) and under each `--depth-mistakes` control; the slope is of log(size) vs log(depth), judged as
+above but against the rule's expected slope (`depth_expected`), +-SLOPE_TOL. What "flat" means per type:
+  - `block_update`: RMS of W_t - W_0 over each block's hidden matrices (Muon), averaged over the blocks. Muon's
+    update RMS is set by its LR, so the slope is the hidden LR's exponent alpha - 1: alpha = 1 (CompleteP) flat,
+    every block keeps learning as much as at L0; alpha = 0.5 (sqrt) -0.5 by design (each block lazier with
+    depth). SP in depth is flat here as well: this type catches a wrong LR rule, not a missing multiplier.
+  - `stream`: mean |x| of the final residual stream (the last block's output, what the final norm reads).
+    Flat under both alphas: a branch adds branch multiplier x update = m_L^-alpha x m_L^(alpha-1) = m_L^-1 at
+    either alpha, so L blocks add O(1); the L/2 U-net skips x L0/L add (1 + L0/2) x0 at every depth. Under SP in
+    depth it grows (L unscaled branches and L/2 unscaled skips add up).
+  - `stream_delta`: mean |x_t - x_0| of that stream on the same input, the change since init (feature learning
+    in depth): flat under both alphas for the same reason; it grows under SP in depth.
+  - `logits`: z / soft-cap divisor, flat under both alphas (the readout reads the normed stream; embeddings and
+    readout keep their LR). `readout` is reported only, as in the width check.
+So at alpha = 1 every judged type must be flat; at alpha = 0.5 all but `block_update`, which must fall at -0.5.
 """
 from __future__ import annotations
 
@@ -64,6 +86,7 @@ LAYER_TYPES = ("embed", "attn", "mlp", "residual", "readout", "logits")
 HIDDEN_TYPES = ("embed", "attn", "mlp", "residual")
 DELTA_TYPES = tuple(f"{k}_delta" for k in ("embed", "residual", "logits"))  # the others start at zero: delta = size
 INFO_TYPES = ("readout",)  # reported, not judged
+WIDTHS = [64, 128, 256, 512]  # the width check's default widths
 SLOPE_TOL = 0.15          # |slope| of log size vs log width; ~ microsoft/mup's 1.2x per 4x width: log(1.2)/log(4) = 0.13
 ZERO_OK_STEPS = 2         # steps 0 and 1 may be exactly zero (zero init; zero readout -> zero hidden gradient)
 
@@ -497,10 +520,11 @@ def run_depth_check(depths: list[int], steps: int, seeds: list[int], out_dir: Pa
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m core.coord_check",
                                 description="Coordinate check of muP vs the standard parametrisation across widths.")
-    p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
-    p.add_argument("--depths", type=int, nargs="+", default=None,
-                   help="the depth check instead of the width check (depth muP, core/depth_mup.py): these depths "
-                        "at one --width, judged under --depth-mup against SP in depth and each --depth-mistakes")
+    axis = p.add_mutually_exclusive_group()
+    axis.add_argument("--widths", type=int, nargs="+", default=None, help=f"the width check (default {WIDTHS})")
+    axis.add_argument("--depths", type=int, nargs="+", default=None,
+                      help="the depth check instead of the width check (depth muP, core/depth_mup.py): these depths "
+                           "at one --width, judged under --depth-mup against SP in depth and each --depth-mistakes")
     p.add_argument("--width", type=int, default=64, help="the depth check's width")
     p.add_argument("--depth-mup", choices=list(DEPTH_RULE_CHOICES), default="completep", help="the depth check's rule")
     p.add_argument("--base-depth", type=int, default=None, help="the depth check's base depth (default: the smallest)")
@@ -532,11 +556,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     a = p.parse_args(argv)
-    if len(a.widths) < 2:
-        p.error("--widths needs at least two widths (the check fits a slope across widths)")
-    for w in a.widths:
-        if w <= 0 or w % a.head_dim:
-            p.error(f"width {w} must be a positive multiple of --head-dim {a.head_dim}")
     if a.steps < 2 or a.seeds < 1:
         p.error("--steps must be >= 2 and --seeds >= 1")
     if not sequence_len_ok(a.seq_len):
@@ -545,8 +564,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--device {a.device!r}: use cpu" + ("" if torch.cuda.is_available() else " (no CUDA device here)"))
     if a.depths is not None:
         return depth_main(p, a)
+    widths = sorted(set(a.widths or WIDTHS))
+    if len(widths) < 2:
+        p.error("--widths needs at least two widths, different ones (the check fits a slope across widths)")
+    for w in widths:
+        if w <= 0 or w % a.head_dim:
+            p.error(f"width {w} must be a positive multiple of --head-dim {a.head_dim}")
+    if a.depth_mistakes:
+        p.error("--depth-mistakes are controls of the depth check: add --depths, or use --mistakes (width muP)")
     out_dir = Path(a.out_dir)
-    report = run_check(sorted(a.widths), a.steps, list(range(a.seeds)), out_dir, seq_len=a.seq_len,
+    report = run_check(widths, a.steps, list(range(a.seeds)), out_dir, seq_len=a.seq_len,
                        depth=a.depth, head_dim=a.head_dim, fixed_batch=a.fixed_batch,
                        orthogonalizer=a.orthogonalizer, device=a.device, data=a.data, mistakes=a.mistakes)
     text = format_report(report)
@@ -562,9 +589,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def depth_main(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     """`--depths ...`: the depth check; exit 0 iff the rule passes against its expected slopes."""
-    depths = sorted(a.depths)
-    if len(depths) < 2 or any(d < 2 or d % 2 for d in depths):
-        p.error(f"--depths needs at least two even depths >= 2 (U-net skips pair the blocks), got {a.depths}")
+    depths = sorted(set(a.depths))
+    if len(depths) < 2:
+        p.error(f"--depths needs at least two different depths (the check fits a slope across depths), got {a.depths}")
+    if any(d < 2 or d % 2 for d in depths):
+        p.error(f"--depths must all be even and >= 2 (U-net skips pair the blocks), got {a.depths}")
+    if a.mistakes:
+        p.error("--mistakes are width-muP controls: with --depths use --depth-mistakes")
     if a.width <= 0 or a.width % a.head_dim:
         p.error(f"--width {a.width} must be a positive multiple of --head-dim {a.head_dim}")
     if a.base_depth is not None and (a.base_depth % 2 or not 2 <= a.base_depth <= depths[0]):
