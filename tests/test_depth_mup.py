@@ -5,41 +5,25 @@ import pytest
 import torch
 
 from core import depth_mup
-from core.config import ConfigError, TrainConfig, resolve_defaults, validate
-from core.data import BatchLoader, resolve_data
-from core.trainer import build_model, build_optimizer_pair, forward_backward, set_schedules
+from core.config import ConfigError, validate
+from core.trainer import build_model
+from test_mup import _train_losses as _train  # the same few-step training loop as the width-muP tests
+from test_mup import train_cfg as _mup_train_cfg
 
 
 def train_cfg(**kw):
-    base = dict(width=32, depth=4, head_dim=16, seq_len=256, batch_tokens=256, val_seq_len=256,
-                iterations=20, seed=0, spectral_every=0, activations=False)
-    base.update(kw)
-    return resolve_defaults(TrainConfig(**base), "cpu", env={})
-
-
-def _train(cfg, steps=4):
-    model = build_model(cfg, torch.device("cpu"))
-    adam, muon, _ = build_optimizer_pair(model, cfg)
-    loader = BatchLoader(resolve_data(None).train_files, cfg.seq_len, 1)
-    losses = []
-    for step in range(steps):
-        losses.append(forward_backward(model, loader.next_step(), 2, 1).item())
-        set_schedules(cfg, [adam, muon], muon, step)
-        adam.step()
-        muon.step()
-        model.zero_grad(set_to_none=True)
-    return losses, model
+    return _mup_train_cfg(**{"width": 32, "head_dim": 16, **kw})
 
 
 @pytest.mark.parametrize("rule", ["completep", "sqrt"])
 def test_depth_mup_at_base_depth_equals_standard_bitwise(rule):
-    sp_losses, sp_model = _train(train_cfg())
-    losses, model = _train(train_cfg(depth_mup=rule, base_depth=4))
+    sp_losses, sp_model = _train(train_cfg(), steps=4)
+    losses, model = _train(train_cfg(depth_mup=rule, base_depth=4), steps=4)
     assert losses == sp_losses  # bitwise, fp32 CPU
     for (n, a), (_, b) in zip(sp_model.named_parameters(), model.named_parameters()):
         assert torch.equal(a, b), n
     # not trivially equal: the same rule with a smaller base depth trains differently
-    other, _ = _train(train_cfg(depth_mup=rule, base_depth=2))
+    other, _ = _train(train_cfg(depth_mup=rule, base_depth=2), steps=4)
     assert other != sp_losses
 
 
